@@ -1,0 +1,1 @@
+"""fewstep core ops: pure torch, never imports comfy or lightning."""

@@ -1,0 +1,1 @@
+"""fewstep.core.export"""

@@ -1,0 +1,117 @@
+"""The one convention every fewstep op sees: a denoiser ``D(x, sigma, **cond) -> x0_hat``.
+
+``Denoiser`` wraps any ``nn.Module`` that maps ``(scaled input, timestep, **cond)`` to its native
+output, together with the ``ModelSampling`` that converts between the two worlds (Karras et al.
+2022, eq. 7: ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``). Samplers in
+``core.sampling`` take a denoiser and find its ``model_sampling`` attribute, exactly as ComfyUI's
+k-diffusion samplers find ``model.inner_model.inner_model.model_sampling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .model_sampling import ModelSampling
+
+ModelCall = Callable[..., Tensor]
+
+
+def default_call(module: nn.Module, x_in: Tensor, timestep: Tensor, **cond: Any) -> Tensor:
+    """Call ``module(x_in, timestep, **cond)`` and unwrap diffusers-style outputs (``.sample``/tuple)."""
+    out = module(x_in, timestep, **cond)
+    return unwrap_output(out)
+
+
+def unwrap_output(out: Any) -> Tensor:
+    """Return the tensor inside a diffusers ``BaseOutput``, tuple or plain tensor."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"model returned {type(out).__name__}; expected a tensor, a tuple or an object with .sample")
+
+
+def expand_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """Turn a scalar or ``(B,)`` sigma into a ``(B,)`` tensor on x's device, checking its shape."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    sigma = sigma.reshape(-1)
+    if sigma.shape[0] == 1:
+        return sigma.expand(x.shape[0])
+    if sigma.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"sigma has {sigma.shape[0]} entries but x has batch size {x.shape[0]}; "
+            "pass one sigma per sample or a scalar"
+        )
+    return sigma
+
+
+class Denoiser(nn.Module):
+    """``D(x, sigma, **cond) -> x0_hat`` for any network and its ``ModelSampling``.
+
+    Args:
+        model: the network. Called as ``call(model, model_sampling.calculate_input(sigma, x),
+            model_sampling.timestep(sigma), **cond)``.
+        model_sampling: how sigma, timestep and the network's native output relate.
+        call: optional adapter for networks with another signature (see ``core.models.diffusers``).
+        check_finite: raise a clear error when the network returns NaN/inf (one reduction a call).
+        name: used in error messages, calibration files and export metadata.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_sampling: ModelSampling,
+        call: ModelCall | None = None,
+        check_finite: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.model_sampling = model_sampling
+        self.call = call or default_call
+        self.check_finite = check_finite
+        self.name = name or type(model).__name__
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        sigma = expand_sigma(sigma, x)
+        ms = self.model_sampling
+        x_in = ms.calculate_input(sigma, x)
+        t = ms.timestep(sigma).to(x.dtype)
+        out = self.call(self.model, x_in, t, **cond)
+        if out.shape != x.shape:
+            raise ValueError(
+                f"{self.name} returned shape {tuple(out.shape)} for input {tuple(x.shape)}; the denoiser "
+                "convention needs the native output to match the input (wrap the model with a `call` adapter "
+                "that reshapes or drops extra channels, e.g. DiT's learned-sigma half)"
+            )
+        if self.check_finite and not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"{self.name} produced NaN/inf at sigma={sigma.flatten()[:4].tolist()}; check the weights, the "
+                "dtype (fp16 overflow) and the input range"
+            )
+        return ms.calculate_denoised(sigma, out, x)
+
+
+def get_model_sampling(model: Any) -> ModelSampling | Any:
+    """Find the model sampling object of a fewstep ``Denoiser`` or of a ComfyUI ``KSampler`` model
+    (``model.inner_model.inner_model.model_sampling``)."""
+    probe = model
+    for _ in range(4):
+        ms = getattr(probe, "model_sampling", None)
+        if ms is not None:
+            return ms
+        probe = getattr(probe, "inner_model", None)
+        if probe is None:
+            break
+    raise AttributeError(
+        f"{type(model).__name__} has no model_sampling; wrap it with fewstep.core.models.Denoiser(model, "
+        "model_sampling) or pass a ComfyUI model"
+    )

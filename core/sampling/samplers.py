@@ -1,0 +1,375 @@
+"""Samplers: plain functions over (denoiser, x, sigmas) with ComfyUI's KSAMPLER signature.
+
+``sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x0``
+
+``model(x, sigma * s_in, **extra_args)`` returns x0 (the denoiser convention of ``core.models``);
+``x`` starts at ``sigmas[0]`` in the model's sigma space (``x = a x0 + s n`` with ``a = 1`` for
+VP/EDM models, ``a = 1 - s`` for flow models). Multistep and exponential-integrator updates are
+written with general ``(alpha, sigma)`` so they are exact for both; for ``alpha = 1`` they are
+literally k-diffusion's / ComfyUI's formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ..models.denoiser import get_model_sampling
+from .schedules import check_sigmas
+
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------- helpers
+def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
+    """Fresh Gaussian noise per call, seeded like ComfyUI's ``default_noise_sampler``."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed))
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=generator)
+
+
+def is_flow(model_sampling: Any) -> bool:
+    """True for rectified-flow / flow-matching model samplings (fewstep's ``FlowMatching`` or ComfyUI's ``CONST``)."""
+    if getattr(model_sampling, "prediction", None) == "flow":
+        return True
+    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+
+
+def alpha_sigma(model: Any, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Signal and noise coefficients ``(a, s)`` with ``x = a x0 + s n`` in the sampler's space."""
+    if is_flow(get_model_sampling(model)):
+        return 1.0 - sigma, sigma
+    return torch.ones_like(sigma), sigma
+
+
+def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Half log-SNR ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver, sec. 3.1)."""
+    return (alpha / sigma).log()
+
+
+def _prepare(model, x: Tensor, sigmas: Tensor, extra_args: dict | None):
+    sigmas = check_sigmas(sigmas).to(x.device)
+    if not torch.is_tensor(x) or x.ndim < 2:
+        raise ValueError(f"x must be a batched tensor (B, ...), got {type(x).__name__} {getattr(x, 'shape', '')}")
+    extra_args = {} if extra_args is None else extra_args
+    return sigmas, extra_args, x.new_ones([x.shape[0]])
+
+
+def _callback(callback, i, x, sigma, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+
+
+def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """Karras ODE derivative ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022, eq. 4 for VE);
+    for flow models it equals the velocity ``n - x0``."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Split a step into a deterministic part to ``sigma_down`` plus fresh noise ``sigma_up`` (k-diffusion)."""
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+# ------------------------------------------------------------------------------ teacher samplers
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1 without the 2nd-order correction)."""
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step to sigma=0 is Euler."""
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        d = _to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            x = x + (d + _to_d(x_2, sigmas[i + 1], denoised_2)) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None) -> Tensor:
+    """Ancestral Euler (k-diffusion): Euler to ``sigma_down`` then fresh noise ``sigma_up``.
+    For flow models the split keeps ``x = a x0 + s n`` on the flow path (ComfyUI's RF variant)."""
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
+    flow = is_flow(get_model_sampling(model))
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        if not flow:
+            sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+            x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        else:  # rectified flow: go down to sigma_down, rescale the signal, add noise to land on sigmas[i+1]
+            s, sn = sigmas[i], sigmas[i + 1]
+            downstep_ratio = 1 + (sn / s - 1) * eta
+            sigma_down = sn * downstep_ratio
+            alpha_ip1, alpha_down = 1 - sn, 1 - sigma_down
+            renoise = (sn**2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2).clamp(min=0) ** 0.5
+            x = x + _to_d(x, s, denoised) * (sigma_down - s)
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler(s, sn) * s_noise * renoise
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+    """DPM-Solver++(2M), multistep data prediction (Lu et al. 2022, arXiv:2211.01095, Alg. 2):
+    ``x_t = (s_t/s_s) x_s - a_t (e^{-h} - 1) [(1 + 1/2r) D_s - 1/2r D_prev]``."""
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    old_denoised, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        a, s = alpha_sigma(model, sigmas[i])
+        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
+        h = _lambda(a_n, s_n) - _lambda(a, s)
+        if old_denoised is None:
+            x = (s_n / s) * x - a_n * (-h).expm1() * denoised
+        else:
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s_n / s) * x - a_n * (-h).expm1() * denoised_d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+    """UniPC-2 with the B(h) = e^h - 1 ("bh2") variant (Zhao et al. 2023, arXiv:2302.04867, Alg. 2 and 3).
+
+    Predictor UniP-2 (equal to DPM-Solver++(2M)), then corrector UniC-2 which reuses the model value at
+    the predicted point: no extra evaluation. Data-prediction form; the last step to sigma=0 returns x0.
+    """
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    denoised = model(x, sigmas[0] * s_in, **extra_args)
+    _callback(callback, 0, x, sigmas[0], denoised)
+    prev = None  # (denoised, lambda) of the step before
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable):
+        if sigmas[i + 1] == 0:
+            return denoised
+        a, s = alpha_sigma(model, sigmas[i])
+        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
+        lam, lam_n = _lambda(a, s), _lambda(a_n, s_n)
+        h = lam_n - lam
+        hh = -h
+        h_phi_1 = hh.expm1()  # e^{-h} - 1
+        b_h = hh.expm1()  # bh2
+        x_lin = (s_n / s) * x - a_n * h_phi_1 * denoised
+        d1 = None
+        if prev is not None:
+            r1 = (prev[1] - lam) / h
+            d1 = (prev[0] - denoised) / r1
+            x_pred = x_lin - a_n * b_h * 0.5 * d1
+        else:
+            x_pred = x_lin
+        if i == n - 1:  # no corrector on the final step: it would cost an extra evaluation
+            return x_pred
+        denoised_n = model(x_pred, sigmas[i + 1] * s_in, **extra_args)
+        _callback(callback, i + 1, x_pred, sigmas[i + 1], denoised_n)
+        d1_t = denoised_n - denoised
+        if d1 is None:  # first order corrector
+            x = x_lin - a_n * b_h * 0.5 * d1_t
+        else:  # solve the 2x2 order conditions for rho_c
+            h_phi_k = h_phi_1 / hh - 1
+            b1 = h_phi_k / b_h
+            h_phi_k2 = h_phi_k / hh - 0.5
+            b2 = h_phi_k2 * 2 / b_h
+            # R = [[1, 1], [r1, 1]]  ->  rho = R^{-1} b
+            det = 1 - r1
+            rho0 = (b1 - b2) / det
+            rho1 = (b2 - r1 * b1) / det
+            x = x_lin - a_n * b_h * (rho0 * d1 + rho1 * d1_t)
+        prev = (denoised, lam) if torch.isfinite(lam) else None  # pure noise (flow, a=0) has no slope
+        denoised = denoised_n
+    return x
+
+
+# ---------------------------------------------------------------------------- distilled samplers
+def _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler) -> Tensor:
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
+    ms = get_model_sampling(model)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = ms.noise_scaling(sigmas[i + 1], noise_sampler(sigmas[i], sigmas[i + 1]), x)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Consistency Models, Alg. 1; LCM, Luo et al. 2023,
+    Alg. 3): jump to x0 with the consistency function, re-noise to the next sigma with fresh noise."""
+    return _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dmd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Tensor:
+    """DMD2 multistep generation (Yin et al. 2024, "Improved Distribution Matching Distillation", sec. 4.3):
+    the generator predicts x0 at each of its training timesteps (e.g. 999/749/499/249) and the prediction is
+    forward-diffused to the next one with fresh noise. Same update as multistep consistency sampling."""
+    return _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+               gamma: float = 0.3, quantize: bool | None = None) -> Tensor:
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, eq. 16-17).
+
+    From ``x_t``: predict x0 and eps, move deterministically (DDIM) to ``s = (1 - gamma) * t_next``
+    (in model timesteps), then forward-diffuse from ``s`` to ``t_next`` with fresh noise. ``gamma=0`` is
+    DDIM, ``gamma=1`` is multistep consistency sampling (for discrete VP models it lands on timestep 0, as
+    diffusers' TCDScheduler). ``quantize`` floors ``s`` to an integer timestep as diffusers does (default: on
+    for discrete models). Continuous models use ``sigma_s = (1 - gamma) sigma_next``.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"TCD gamma must be in [0, 1], got {gamma}")
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
+    ms = get_model_sampling(model)
+    if quantize is None:
+        quantize = hasattr(ms, "alphas_cumprod")
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        a, s = alpha_sigma(model, sigmas[i])
+        eps = (x - a * denoised) / s
+        if gamma == 0:
+            sig_s = sigmas[i + 1]
+        elif hasattr(ms, "alphas_cumprod"):  # discrete VP: s = (1 - gamma) t_next in model timesteps
+            t_s = ms.timestep(sigmas[i + 1]) * (1 - gamma)
+            if quantize:
+                t_s = t_s.floor()
+            sig_s = torch.minimum(ms.sigma(t_s).to(x.device, torch.float32).reshape(()), sigmas[i + 1])
+        else:  # flow (timestep = sigma * multiplier) and continuous models: scale sigma directly
+            sig_s = (1 - gamma) * sigmas[i + 1]
+        a_s, s_s = alpha_sigma(model, sig_s)
+        x = a_s * denoised + s_s * eps
+        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
+        renoise = (s_n**2 - (a_n * s_s / a_s) ** 2).clamp(min=0) ** 0.5
+        x = (a_n / a_s) * x + renoise * noise_sampler(sig_s, sigmas[i + 1])
+    return x
+
+
+@torch.no_grad()
+def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                    target_key: str | None = "sigma_next") -> Tensor:
+    """Any-step sampling with a flow map (Boffi et al. 2025, "How to build a consistency model: learning flow
+    maps"; Sabour et al. 2025, "Align Your Flow", eq. 3): ``x_s = x_t + (s - t) u(x_t, t, s)``.
+
+    The model receives the target sigma as ``extra_args[target_key]`` and returns the x0 whose Euler step lands
+    on ``x_s``; a model that ignores the target (``target_key=None``) makes this plain Euler.
+    """
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        kw = dict(extra_args)
+        if target_key:
+            kw[target_key] = sigmas[i + 1] * s_in
+        denoised = model(x, sigmas[i] * s_in, **kw)
+        _callback(callback, i, x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_onestep(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+    """One-step generation (one-step rectified flow, InstaFlow, Liu et al. 2024; DMD one-step): a single
+    evaluation at ``sigmas[0]`` gives the sample. Extra sigmas are ignored by design."""
+    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    denoised = model(x, sigmas[0] * s_in, **extra_args)
+    _callback(callback, 0, x, sigmas[0], denoised)
+    return denoised
+
+
+@torch.no_grad()
+def sample_hybrid(model, x, sigmas, extra_args=None, callback=None, disable=None, distilled_model=None,
+                  base_steps: int = 1, base_sampler: str = "euler", distilled_sampler: str = "lcm",
+                  distilled_extra_args: dict | None = None, **options) -> Tensor:
+    """Hybrid base -> distilled sampling (diversity distillation, Gandikota & Bau 2025, "Distilling Diversity and
+    Control in Diffusion Models"): the base model sets the composition in the first ``base_steps`` steps (where
+    distilled models lose diversity), the distilled model finishes the remaining steps."""
+    if distilled_model is None:
+        raise ValueError("sample_hybrid needs distilled_model=<the distilled denoiser>")
+    sigmas = check_sigmas(sigmas)
+    n = len(sigmas) - 1
+    if not 0 <= base_steps <= n:
+        raise ValueError(f"base_steps must be in [0, {n}] for {n} steps, got {base_steps}")
+    if base_steps > 0:
+        x = get_sampler(base_sampler)(model, x, sigmas[: base_steps + 1], extra_args=extra_args,
+                                      callback=callback, disable=disable)
+    if base_steps < n:
+        x = get_sampler(distilled_sampler)(
+            distilled_model, x, sigmas[base_steps:],
+            extra_args=extra_args if distilled_extra_args is None else distilled_extra_args,
+            callback=callback, disable=disable, **options)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "uni_pc": sample_unipc,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
+    "dmd": sample_dmd,
+    "flow_map": sample_flow_map,
+    "onestep": sample_onestep,
+    "hybrid": sample_hybrid,
+}
+
+#: model evaluations a sampler spends on ``n`` steps (heun skips the 2nd evaluation on the last step to 0).
+NFE: dict[str, Callable[[int], int]] = {name: (lambda n: n) for name in SAMPLERS}
+NFE["heun"] = lambda n: 2 * n - 1
+NFE["onestep"] = lambda n: 1
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """A sampler function by name (one of ``SAMPLERS``)."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
