@@ -101,7 +101,7 @@ def test_nfe_and_callbacks():
     for name in [n for n in SAMPLERS if n != "hybrid"]:
         den.calls = 0
         seen = []
-        get_sampler(name)(den, x, sig, callback=lambda d: seen.append(d["i"]), disable=True)
+        get_sampler(name)(den, x, sig, callback=lambda d, seen=seen: seen.append(d["i"]), disable=True)
         assert den.calls == NFE[name](5), name
         assert seen and seen[0] == 0, name
 

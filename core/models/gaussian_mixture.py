@@ -24,7 +24,8 @@ from .model_sampling import EDM, FlowMatching, ModelSampling
 class GaussianMixture(nn.Module):
     """Diagonal Gaussian mixture in ``dim`` dimensions (samples are reshaped to ``shape``)."""
 
-    def __init__(self, means: Tensor, stds: Tensor, weights: Tensor | None = None, shape: tuple[int, ...] | None = None):
+    def __init__(self, means: Tensor, stds: Tensor, weights: Tensor | None = None,
+                 shape: tuple[int, ...] | None = None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:

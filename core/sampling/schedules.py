@@ -63,7 +63,7 @@ def sgm_uniform(model_sampling: ModelSampling, n: int) -> Tensor:
 
 
 def flow_shift(n: int, shift: float = 3.0) -> Tensor:
-    """Rectified-flow schedule: uniform ``t`` in (1, 0] mapped through the SD3 time shift (Esser et al. 2024, eq. 23)."""
+    """Rectified-flow schedule: uniform ``t`` in (1, 0] through the SD3 time shift (Esser et al. 2024, eq. 23)."""
     _check_steps(n)
     return flow_time_shift(torch.linspace(1.0, 0.0, n + 1), shift).float()
 
