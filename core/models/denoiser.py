@@ -81,6 +81,7 @@ class Denoiser(nn.Module):
         self.name = name or type(model).__name__
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        cond.pop("seed", None)  # samplers carry the noise seed in extra_args, as ComfyUI does
         sigma = expand_sigma(sigma, x)
         ms = self.model_sampling
         x_in = ms.calculate_input(sigma, x)

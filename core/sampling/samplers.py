@@ -51,7 +51,7 @@ def alpha_sigma(model: Any, sigma: Tensor) -> tuple[Tensor, Tensor]:
 
 def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
     """Half log-SNR ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver, sec. 3.1)."""
-    return (alpha / sigma).log()
+    return alpha.log() - sigma.log()
 
 
 def _prepare(model, x: Tensor, sigmas: Tensor, extra_args: dict | None):
