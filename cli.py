@@ -28,6 +28,25 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_schedule(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from .core.evaluate import search_embedded_schedules
+    from .core.models.embedded import WEIGHTS_DIR, load_teacher
+
+    rows = search_embedded_schedules(load_teacher(), args.nfe, sampler=args.sampler, cfg=args.cfg)
+    out = args.out or str(WEIGHTS_DIR / "digits_dit_teacher_schedules.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"model": "digits-dit-teacher", "schedules": rows}, f, indent=2)
+    os.replace(tmp, out)
+    for r in rows:
+        print(f"{r['sampler']} NFE {r['nfe']}: sigmas {[round(s, 3) for s in r['sigmas']]}")
+    print(f"wrote {out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
         from .benchmarks.quality import main as quality_main
@@ -58,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(fn=_train_classifier)
+
+    s = sub.add_parser("search-schedule", help="search step schedules for the embedded teacher and ship them")
+    s.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8])
+    s.add_argument("--sampler", default="dpmpp_2m")
+    s.add_argument("--cfg", type=float, default=2.0)
+    s.add_argument("--out", default=None)
+    s.set_defaults(fn=_search_schedule)
 
     b = sub.add_parser("bench", help="run a benchmark (JSON in benchmarks/results/)")
     b.add_argument("what", choices=["quality", "samplers"])
