@@ -97,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.n, args.dim)
     path = write_json(result, f"samplers_gmm{args.dim}d.json", args.out)
     plot(result, path.with_suffix(".png"))
-    print(f"{'sampler':16s} " + " ".join(f"NFE{n:>3d}" for n in NFES))
-    for name in SAMPLERS:
-        r = {x["nfe"]: x["ode_rms_error"] for x in result["rows"] if x["sampler"] == name}
-        print(f"{name:16s} " + " ".join(f"{r[n]:6.3f}" if n in r else "     -" for n in NFES))
+    floor = result["sliced_wasserstein_floor"]
+    for key, title in (("ode_rms_error", "RMS error to the exact ODE solution (deterministic samplers)"),
+                       ("sliced_wasserstein", f"sliced Wasserstein to data (floor {floor:.3f})")):
+        print(title)
+        print(f"{'sampler':16s} " + " ".join(f"NFE{n:>3d}" for n in NFES))
+        for name in SAMPLERS:
+            r = {x["nfe"]: x[key] for x in result["rows"] if x["sampler"] == name}
+            print(f"{name:16s} " + " ".join(f"{r[n]:6.3f}" if n in r else "     -" for n in NFES))
     for r in result["schedule_search"]:
         print(f"search {r['sampler']:9s} NFE {r['nfe']}: searched {r['searched_error']:.4f}  karras "
               f"{r['karras_error']:.4f} ({r['gain_vs_karras']:.2f}x)  uniform {r['uniform_error']:.4f} "
