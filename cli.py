@@ -1,4 +1,5 @@
-"""The ``fewstep`` command line: ``demo``, ``train-teacher``, ``train-classifier``, ``bench``."""
+"""The ``fewstep`` command line: ``demo``, ``train-teacher``, ``train-classifier``, ``bench``, ``export``,
+``run-onnx``."""
 
 from __future__ import annotations
 
@@ -50,9 +51,97 @@ def _search_schedule(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
         from .benchmarks.quality import main as quality_main
+    elif args.what == "onnx":
+        from .benchmarks.onnx_speed import main as quality_main
     else:
         from .benchmarks.samplers import main as quality_main
     return quality_main([] if args.rest is None else args.rest)
+
+
+def _export_model(spec: str, random_weights: bool):
+    """A denoiser for ``fewstep export``: the embedded teacher, a tiny test model, a fewstep .safetensors file or
+    a diffusers model folder."""
+    from pathlib import Path
+
+    from .core.export.tiny import TINY
+    from .core.models.embedded import build_dit, dit_denoiser, load_teacher
+
+    if spec == "teacher":
+        try:
+            return load_teacher()
+        except FileNotFoundError as e:
+            if not random_weights:
+                raise FileNotFoundError(f"{e} Or pass --random-weights to export the untrained architecture.") from None
+            return dit_denoiser(build_dit().eval(), name="digits-dit-untrained")
+    if spec in TINY:
+        return TINY[spec]()
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        return load_teacher(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        import diffusers
+
+        from .core.models.diffusers_adapters import diffusers_denoiser
+
+        cls_name = json.loads((path / "config.json").read_text()).get("_class_name", "")
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise ValueError(f"{path}/config.json names no diffusers model class ({cls_name!r})")
+        return diffusers_denoiser(cls.from_pretrained(path).eval())
+    raise ValueError(f"unknown model {spec!r}: use 'teacher', one of {', '.join(TINY)}, a fewstep .safetensors file "
+                     "or a diffusers model folder")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .core.export.exporter import export_onnx
+
+    den = _export_model(args.model, args.random_weights)
+    if args.cfg is not None:
+        from .core.guidance.cfg import CFGDenoiser
+
+        cfg = getattr(den.model, "config", None)
+        null = args.null if args.null is not None else getattr(cfg, "num_embeds_ada_norm", None)
+        if null is None:
+            raise ValueError("--cfg folds class-label guidance and needs the null class: pass --null ID")
+        den = CFGDenoiser(den, args.cfg, cond_key="class_labels", null=int(null))
+    timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
+    res = export_onnx(den, args.out, fp16=args.fp16, sampler=args.sampler, schedule=args.schedule, steps=args.steps,
+                      timesteps=timesteps, dynamic_resolution=False if args.static_resolution else None,
+                      external_data=True if args.external_data else None, opset=args.opset)
+    m = res.metadata
+    err = "not verified" if res.max_rel_error is None else f"max relative error vs torch {res.max_rel_error:.1e}"
+    print(f"wrote {res.path} ({m['precision']}, {m['sampler']['name']} {m['sampler']['steps']} steps "
+          f"{m['sampler']['schedule']}; {err})")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    import time
+
+    from .core.export.runtime import OnnxDenoiser, generate, grid_uint8
+
+    model = OnnxDenoiser(args.model, providers=["CPUExecutionProvider"] if args.cpu else None, threads=args.threads)
+    labels = None
+    if args.class_label is not None:
+        labels = [args.class_label] * args.n
+    t0 = time.perf_counter()
+    x = generate(model, None if labels else args.n, class_labels=labels, steps=args.steps, sampler=args.sampler,
+                 schedule=args.schedule, guidance_scale=args.cfg, seed=args.seed)
+    secs = time.perf_counter() - t0
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"run-onnx writes image grids for 1- or 3-channel models; {model.name} has {x.shape[1]} "
+                         "channels (latents): use fewstep.core.export.runtime.generate and your decoder")
+    from PIL import Image
+
+    Image.fromarray(grid_uint8(x, nrow=args.nrow)).save(args.output)
+    sm = model.meta["sampler"]
+    print(f"wrote {args.output}: {len(x)} samples, {args.sampler or sm['name']} "
+          f"{args.steps or sm['steps']} steps on {model.providers[0]} in {secs:.2f} s")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="sample the embedded teacher with several samplers and write a report")
     d.add_argument("--out", default="fewstep-report", help="report folder (default: ./fewstep-report)")
-    d.add_argument("--per-class", type=int, default=20, help="samples per digit class for the metrics")
+    d.add_argument("--per-class", type=int, default=36,
+                   help="samples per digit class (36 -> 360, the size of the real-vs-real FD floor)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="fewer settings and samples (a smoke run)")
     d.set_defaults(fn=_demo)
@@ -81,14 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search-schedule", help="search step schedules for the embedded teacher and ship them")
     s.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8])
     s.add_argument("--sampler", default="dpmpp_2m")
-    s.add_argument("--cfg", type=float, default=2.0)
+    s.add_argument("--cfg", type=float, default=1.25)
     s.add_argument("--out", default=None)
     s.set_defaults(fn=_search_schedule)
 
     b = sub.add_parser("bench", help="run a benchmark (JSON in benchmarks/results/)")
-    b.add_argument("what", choices=["quality", "samplers"])
+    b.add_argument("what", choices=["quality", "samplers", "onnx"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
+
+    e = sub.add_parser("export", help="export a model to ONNX with fewstep metadata (sample it with run-onnx)")
+    e.add_argument("model", help="'teacher', tiny-unet / tiny-dit / tiny-flux, a fewstep .safetensors file or a "
+                                 "diffusers model folder")
+    e.add_argument("out", help="output .onnx file")
+    e.add_argument("--fp16", action="store_true", help="fp16 graph (softmax/normalisation kept in fp32)")
+    e.add_argument("--cfg", type=float, default=None, help="fold classifier-free guidance (default scale W) into "
+                                                           "the graph: one pass per step, scale is an input")
+    e.add_argument("--null", type=int, default=None, help="null class id for --cfg (default: the DiT's extra row)")
+    e.add_argument("--sampler", default=None, help="default sampler stored in the file (euler, dpmpp_2m, lcm, dmd, "
+                                                   "flow_map, onestep)")
+    e.add_argument("--schedule", default=None, help="default schedule (karras, simple, uniform, ...)")
+    e.add_argument("--steps", type=int, default=None, help="default number of steps (8)")
+    e.add_argument("--timesteps", default=None, help="fixed student timesteps, e.g. 999,749,499,249")
+    e.add_argument("--static-resolution", action="store_true", help="do not make height/width dynamic")
+    e.add_argument("--external-data", action="store_true", help="weights in <out>.data (automatic above 2 GB)")
+    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--random-weights", action="store_true", help="export the teacher architecture untrained when "
+                                                                  "its weights are missing")
+    e.set_defaults(fn=_export)
+
+    r = sub.add_parser("run-onnx", help="sample an exported model with onnxruntime only (no torch) to a PNG grid")
+    r.add_argument("model", help="a .onnx file written by `fewstep export`")
+    r.add_argument("--class", dest="class_label", type=int, default=None, help="class id (default: one per class)")
+    r.add_argument("--n", type=int, default=8, help="samples when --class is given (default 8)")
+    r.add_argument("--steps", type=int, default=None, help="steps (default: the exported recipe)")
+    r.add_argument("--sampler", default=None)
+    r.add_argument("--schedule", default=None)
+    r.add_argument("--cfg", type=float, default=None, help="guidance scale (graphs with a guidance input)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--nrow", type=int, default=8)
+    r.add_argument("--cpu", action="store_true", help="CPU execution provider even when CUDA is available")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("-o", "--output", default="grid.png")
+    r.set_defaults(fn=_run_onnx)
     return p
 
 

@@ -186,7 +186,7 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
-def search_embedded_schedules(denoiser: nn.Module, nfes: list[int], sampler: str = "dpmpp_2m", cfg: float = 2.0,
+def search_embedded_schedules(denoiser: nn.Module, nfes: list[int], sampler: str = "dpmpp_2m", cfg: float = 1.25,
                               per_class: int = 4, seed: int = 1234, grid_size: int = 28) -> list[dict[str, Any]]:
     """Search step schedules (``core.sampling.search_schedule``) for a class-conditional digits denoiser under
     CFG, on a batch of every class from a seed disjoint from the evaluation seeds."""
