@@ -59,8 +59,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _export_model(spec: str, random_weights: bool):
-    """A denoiser for ``fewstep export``: the embedded teacher, a tiny test model, a fewstep .safetensors file or
-    a diffusers model folder."""
+    """``(denoiser, default recipe)`` for ``fewstep export``: the embedded teacher, a tiny test model, a fewstep
+    .safetensors file (a distilled student keeps the sampler and sigmas it was trained for) or a diffusers folder."""
     from pathlib import Path
 
     from .core.export.tiny import TINY
@@ -68,16 +68,26 @@ def _export_model(spec: str, random_weights: bool):
 
     if spec == "teacher":
         try:
-            return load_teacher()
+            return load_teacher(), {}
         except FileNotFoundError as e:
             if not random_weights:
                 raise FileNotFoundError(f"{e} Or pass --random-weights to export the untrained architecture.") from None
-            return dit_denoiser(build_dit().eval(), name="digits-dit-untrained")
+            return dit_denoiser(build_dit().eval(), name="digits-dit-untrained"), {}
     if spec in TINY:
-        return TINY[spec]()
+        return TINY[spec](), {}
     path = Path(spec)
     if path.suffix == ".safetensors":
-        return load_teacher(path)
+        from .core.models.students import load_student, read_metadata
+
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if "method" not in read_metadata(path):
+            return load_teacher(path), {}
+        den, meta = load_student(path)
+        if meta.get("sampler_extra"):
+            raise ValueError(f"{path.name} samples with extra inputs {sorted(meta['sampler_extra'])}; export it with "
+                             "fewstep.core.export.export_onnx(..., guidance=...) from Python")
+        return den, {"sampler": meta["sampler"], "sigmas": meta["sigmas"]}
     if path.is_dir() and (path / "config.json").is_file():
         import json
 
@@ -89,7 +99,7 @@ def _export_model(spec: str, random_weights: bool):
         cls = getattr(diffusers, cls_name, None)
         if cls is None:
             raise ValueError(f"{path}/config.json names no diffusers model class ({cls_name!r})")
-        return diffusers_denoiser(cls.from_pretrained(path).eval())
+        return diffusers_denoiser(cls.from_pretrained(path).eval()), {}
     raise ValueError(f"unknown model {spec!r}: use 'teacher', one of {', '.join(TINY)}, a fewstep .safetensors file "
                      "or a diffusers model folder")
 
@@ -97,7 +107,7 @@ def _export_model(spec: str, random_weights: bool):
 def _export(args: argparse.Namespace) -> int:
     from .core.export.exporter import export_onnx
 
-    den = _export_model(args.model, args.random_weights)
+    den, recipe = _export_model(args.model, args.random_weights)
     if args.cfg is not None:
         from .core.guidance.cfg import CFGDenoiser
 
@@ -107,8 +117,10 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError("--cfg folds class-label guidance and needs the null class: pass --null ID")
         den = CFGDenoiser(den, args.cfg, cond_key="class_labels", null=int(null))
     timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
-    res = export_onnx(den, args.out, fp16=args.fp16, sampler=args.sampler, schedule=args.schedule, steps=args.steps,
-                      timesteps=timesteps, dynamic_resolution=False if args.static_resolution else None,
+    sigmas = recipe.get("sigmas") if not (args.schedule or args.steps or timesteps) else None
+    res = export_onnx(den, args.out, fp16=args.fp16, sampler=args.sampler or recipe.get("sampler"),
+                      schedule=args.schedule, steps=args.steps, timesteps=timesteps, sigmas=sigmas,
+                      dynamic_resolution=False if args.static_resolution else None,
                       external_data=True if args.external_data else None, opset=args.opset)
     m = res.metadata
     err = "not verified" if res.max_rel_error is None else f"max relative error vs torch {res.max_rel_error:.1e}"

@@ -1,1 +1,37 @@
-"""fewstep.core.export"""
+"""ONNX export of fewstep denoisers and a torch-free onnxruntime sampler.
+
+- ``export_onnx(denoiser, path, ...)`` (torch + onnx): the network behind a ``Denoiser`` (or a ``CFGDenoiser`` with
+  guidance folded in) to ONNX with fewstep metadata; ``convert_file_to_fp16(src, dst)`` for an existing export.
+- ``OnnxDenoiser``, ``generate`` (numpy + onnxruntime only): sample an export on the device.
+
+Names resolve lazily so that importing this package imports neither torch nor onnxruntime; the runtime modules
+(``runtime``, ``np_sampling``, ``metadata``) never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "export_onnx": "exporter",
+    "ExportResult": "exporter",
+    "convert_to_fp16": "fp16",
+    "convert_file_to_fp16": "fp16",
+    "OnnxDenoiser": "runtime",
+    "OnnxInputError": "runtime",
+    "generate": "runtime",
+    "resolve_sigmas": "runtime",
+    "grid_uint8": "runtime",
+    "OnnxModelError": "metadata",
+    "METADATA_KEY": "metadata",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,11 +46,13 @@ def train_teacher(
     checkpoint_every: int = 200,
     threads: int | None = None,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> Path:
     """Train (or resume) the teacher and write ``out`` (safetensors + JSON). Returns the path.
 
     A checkpoint ``<out>.ckpt`` (model, EMA, optimiser, step, RNG states) is written atomically every
-    ``checkpoint_every`` steps; running again with the same arguments resumes from it.
+    ``checkpoint_every`` steps; running again with the same arguments resumes from it. ``stop_at`` ends this
+    process after that step (with a checkpoint), as an interruption would; the schedule still spans ``steps``.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -103,10 +105,13 @@ def train_teacher(
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-        if step % checkpoint_every == 0 or step == steps:
+        if step % checkpoint_every == 0 or step == steps or step == stop_at:
             _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                                 "elapsed": time.time() - t0, "losses": losses}, ckpt_path)
+        if step == stop_at:
+            bar.close()
+            return ckpt_path
     bar.close()
     meta = {
         "config": TEACHER_CONFIG,

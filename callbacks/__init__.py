@@ -1,0 +1,22 @@
+"""Lightning distillation modules (one per method) and callbacks. Needs the ``train`` extra (lightning, peft).
+
+Modules: ``DMD2Distillation``, ``ConsistencyDistillation``, ``ReflowDistillation``,
+``GuidanceAdapterDistillation``. Callbacks: ``StudentEMA``, ``SampleGrid``, ``QualityEval``, ``StudentExport``,
+``DivergenceGuard``. Run them with a stock ``lightning.Trainer``; see ``callbacks/train_students.py`` for the
+shipped students of the embedded teacher.
+"""
+
+from .base import DistillationModule, ticker_dataloader
+from .consistency import ConsistencyDistillation
+from .dmd2 import DMD2Distillation, dmd2_optimizer_steps
+from .ema import StudentEMA
+from .export import DivergenceError, DivergenceGuard, StudentExport
+from .guidance_adapter import GuidanceAdapterDistillation
+from .monitor import QualityEval, SampleGrid
+from .reflow import ReflowDistillation
+
+__all__ = [
+    "ConsistencyDistillation", "DMD2Distillation", "DistillationModule", "DivergenceError", "DivergenceGuard",
+    "GuidanceAdapterDistillation", "QualityEval", "ReflowDistillation", "SampleGrid", "StudentEMA", "StudentExport",
+    "dmd2_optimizer_steps", "ticker_dataloader",
+]

@@ -1,0 +1,369 @@
+"""The shared base of fewstep's distillation LightningModules.
+
+What every method shares:
+
+- **Teacher**: frozen, in eval mode, left out of checkpoints (it is the user's model; it is put back from the live
+  module on load). Networks stay in eval mode during training: label dropout would draw from the global RNG.
+- **Student**: a full trainable copy of the teacher (``student="copy"``), the teacher plus peft LoRA layers
+  (``student="lora"``), or any denoiser you pass (its output shape is checked against the teacher's first).
+- **Data**: the modules make their own inputs. The train dataloader is a ticker; a batch is the ``batch_size``
+  (global) samples with global indices ``batches_seen * batch_size + [0, batch_size)``, split over processes, and
+  all randomness of a sample is drawn from its index (``core.distill``). So DDP reproduces one process at the same
+  global batch, and a resumed run reproduces an uninterrupted one, with only ``batches_seen`` to save. Conditions
+  come from ``num_classes`` (uniform class ids) or from data (real images, teacher trajectories).
+- **Counters** (``batches_seen``, ``student_updates`` and method-specific ones) live in the checkpoint under
+  ``"fewstep"``; they, not ``trainer.global_step``, drive update ratios and callbacks.
+- **Export**: ``export(path)`` writes the student (safetensors + JSON; merged weights for LoRA students, plus a
+  ComfyUI LoRA file), with the sampler and sigmas it was trained for in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
+from ..core.guidance.adapters import DEFAULT_TARGETS
+from ..core.models.lora_format import COMFY_PREFIX, comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora
+from ..core.sampling.samplers import get_sampler
+from ..core.sampling.schedules import check_sigmas
+from .students import copy_student, has_lora, lora_factors, lora_student, merged_state_dict
+
+
+class _Ticker(IterableDataset):
+    """An endless stream of step numbers: distillation modules make their own inputs."""
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
+def ticker_dataloader() -> DataLoader:
+    """The train dataloader of every distillation module (batches are made inside the module)."""
+    return DataLoader(_Ticker(), batch_size=None, num_workers=0)
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on the parameters of ``modules`` (restored afterwards)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    prev = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, prev):
+            p.requires_grad_(r)
+
+
+def _storage_ptr(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class DistillationModule(L.LightningModule):
+    """Base class of the distillation modules (see the module docstring).
+
+    Args:
+        teacher: the teacher denoiser ``D(x, sigma, **{cond_key: c})``.
+        sample_shape: shape of one sample, e.g. ``(1, 16, 16)``.
+        student: ``"copy"``, ``"lora"``, or a denoiser module to train (its output shape must match the teacher's);
+            ``None`` when a subclass builds its own.
+        lora_rank, lora_alpha, lora_targets: LoRA student settings (``lora_alpha`` defaults to the rank).
+        batch_size: the global batch size (split over processes; must be divisible by the world size).
+        lr, betas, weight_decay, grad_clip: AdamW settings and gradient-norm clipping (0 disables it).
+        num_classes, cond_key, null: conditions (uniform class ids), the teacher's condition argument and null value.
+        seed: seeds all per-sample randomness.
+        unique_samples: cycle over this many sample indices (tiny overfitting problems and tests).
+    """
+
+    method = "distill"
+
+    def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], student: str | nn.Module | None = "copy",
+                 lora_rank: int = 8, lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
+                 batch_size: int = 32, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, grad_clip: float = 1.0, num_classes: int | None = 10,
+                 cond_key: str = "class_labels", null: Any = 10, seed: int = 0, unique_samples: int | None = None):
+        super().__init__()
+        if not hasattr(teacher, "model_sampling"):
+            raise TypeError("the teacher must be a denoiser with a model_sampling (wrap it with "
+                            "fewstep.core.models.Denoiser)")
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.lr, self.betas, self.weight_decay, self.grad_clip = float(lr), tuple(betas), float(weight_decay), \
+            float(grad_clip)
+        self.num_classes, self.cond_key, self.null = num_classes, cond_key, null
+        self.seed = int(seed)
+        self.unique_samples = unique_samples
+        teacher.requires_grad_(False).eval()
+        self.student_kind = student if isinstance(student, str) else "module" if student is not None else "custom"
+        if student == "copy":
+            stud = copy_student(teacher)
+        elif student == "lora":
+            stud, teacher = lora_student(teacher, lora_rank, lora_alpha, lora_targets, seed=seed)
+        elif isinstance(student, nn.Module):
+            stud = student
+            check_same_output_shape(teacher, stud, self.sample_shape, self._probe_cond())
+        elif student is None:  # the subclass builds its student
+            stud = None
+        else:
+            raise ValueError(f"student must be 'copy', 'lora' or a denoiser module, got {student!r}")
+        self.teacher = teacher
+        self.student = stud
+        self.batches_seen = 0
+        self.student_updates = 0
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def model_sampling(self):
+        return self.teacher.model_sampling
+
+    def _probe_cond(self) -> dict[str, Any]:
+        if self.num_classes is None:
+            return {}
+        return {self.cond_key: torch.zeros(1, dtype=torch.long)}
+
+    def _check_cfg(self, scale_range: tuple[float, float]) -> None:
+        if scale_range != (1.0, 1.0):
+            check_null_condition(self.teacher, self.null, self.sample_shape, self.cond_key)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Keep every network in eval mode (no label dropout: all randomness is per sample)."""
+        super().train(mode)
+        for m in self.children():
+            m.eval()
+        return self
+
+    def world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` (``(1, 0)`` outside a trainer)."""
+        if self._trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def sample_ids(self) -> Tensor:
+        """Global indices of this process's samples in the current batch."""
+        world, rank = self.world()
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} (global) is not divisible by the {world} processes")
+        local = self.batch_size // world
+        start = self.batches_seen * self.batch_size + rank * local
+        ids = torch.arange(start, start + local)
+        return ids % self.unique_samples if self.unique_samples else ids
+
+    def randn(self, ids: Tensor, stream: str, shape: Sequence[int] | None = None) -> Tensor:
+        return randn_per_sample(ids, shape or self.sample_shape, stream, self.seed, self.device)
+
+    def draw_labels(self, ids: Tensor) -> Tensor:
+        if self.num_classes is None:
+            raise ValueError("this module needs num_classes (or data with conditions)")
+        return randint_per_sample(ids, int(self.num_classes), "cond", self.seed, self.device)
+
+    def cond(self, c: Tensor) -> dict[str, Tensor]:
+        return {self.cond_key: c}
+
+    def batch_mean(self, t: Tensor) -> Tensor:
+        """Mean over processes (identity for one process)."""
+        world, _ = self.world()
+        return self.trainer.strategy.reduce(t, reduce_op="mean") if world > 1 else t
+
+    def student_trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def ema_parameters(self) -> dict[str, nn.Parameter]:
+        """The student's trainable parameters by name (what ``StudentEMA`` averages and swaps)."""
+        return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+
+    def counters(self) -> dict[str, int]:
+        return {"batches_seen": self.batches_seen, "student_updates": self.student_updates}
+
+    def load_counters(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+    # -------------------------------------------------------------------------------------- lightning
+    def train_dataloader(self) -> DataLoader:
+        return ticker_dataloader()
+
+    def on_fit_start(self) -> None:
+        # the networks are kept in eval mode on purpose (see ``train``)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        t = self.trainer
+        if t.max_steps is None or t.max_steps < 0:
+            if t.max_time is None and not getattr(self, "max_generator_steps", None):
+                raise ValueError("distillation modules draw endless batches: set Trainer(max_steps=...) or max_time")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas,
+                                 weight_decay=self.weight_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None and self.grad_clip > 0:
+            gradient_clip_val, gradient_clip_algorithm = self.grad_clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def _frozen_ptrs(self) -> set[int]:
+        return {_storage_ptr(t) for t in list(self.teacher.parameters()) + list(self.teacher.buffers())
+                if not t.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ptrs = self._frozen_ptrs()
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k, v in sd.items() if isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
+            del sd[k]
+        checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("fewstep", {})
+        self.load_counters(state.get("counters", {}))
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific state saved with the counters (override)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
+        own = self.state_dict()
+        ptrs = self._frozen_ptrs()
+        full = dict(state_dict)
+        for k, v in own.items():
+            if k not in full and _storage_ptr(v) in ptrs:
+                full[k] = v
+        return super().load_state_dict(full, strict=strict, assign=assign)
+
+    # ---------------------------------------------------------------------------------- manual DDP sync
+    def disable_ddp_reducer(self) -> None:
+        """For manual optimization with several backward passes per step: gradients are averaged explicitly
+        (``sync_gradients``) instead of by DDP's reducer, which expects one backward per forward."""
+        if self._trainer is None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = False
+
+    def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over processes (no-op for one process)."""
+        world, _ = self.world()
+        if world == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+
+    # ------------------------------------------------------------------------------------- sampling
+    def sampling_plan(self) -> dict[str, Any]:
+        """How the student samples: ``{"denoiser", "sampler", "sigmas", "extra"}`` (override)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate_samples(self, labels: Tensor, seed: int = 0) -> Tensor:
+        """Student samples for ``labels`` from seeded noise (the current weights; swap EMA in first if wanted)."""
+        plan = self.sampling_plan()
+        ms = plan["denoiser"].model_sampling
+        sigmas = check_sigmas(torch.as_tensor(plan["sigmas"], dtype=torch.float32)).to(self.device)
+        labels = torch.as_tensor(labels).to(self.device)
+        ids = torch.arange(len(labels))
+        z = randn_per_sample(ids, self.sample_shape, "eval/noise", seed, self.device)
+        x = ms.noise_scaling(sigmas[0], z, torch.zeros_like(z), max_denoise=True)
+        extra = {**self.cond(labels), **plan.get("extra", {})}
+        return get_sampler(plan["sampler"])(plan["denoiser"], x, sigmas, extra_args=extra, disable=True)
+
+    # --------------------------------------------------------------------------------------- export
+    def student_network(self) -> nn.Module:
+        """The student's network (for export)."""
+        return getattr(self.student, "model", self.student)
+
+    def export_metadata(self) -> dict[str, Any]:
+        plan = self.sampling_plan()
+        net = self.student_network()
+        cfg = getattr(net, "config", None)
+        extra = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in plan.get("extra", {}).items()}
+        return {
+            "method": self.method, "teacher": getattr(self.teacher, "name", type(self.teacher).__name__),
+            "architecture": f"{type(net).__module__}.{type(net).__name__}",
+            "config": {k: v for k, v in dict(cfg).items() if not k.startswith("_")} if cfg is not None else None,
+            "model_sampling": self.model_sampling.config(), "sampler": plan["sampler"],
+            "sigmas": [float(s) for s in torch.as_tensor(plan["sigmas"]).tolist()], "sampler_extra": extra,
+            "student": self.student_kind, "counters": self.counters(), "cond_key": self.cond_key,
+            "null": self.null if not isinstance(self.null, Tensor) else None,
+        }
+
+    @torch.no_grad()
+    def export(self, path: str | Path, lora_prefix: str = COMFY_PREFIX, dare_p: float = 0.0, dare_seed: int = 1,
+               write_delta: bool = False) -> list[Path]:
+        """Write the student with its current weights (swap EMA in first). Returns the written files.
+
+        ``<path>``: full network weights (LoRA merged) + ``<path>.json``; for LoRA students also
+        ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``; DARE on rank components if
+        ``dare_p > 0``); with ``write_delta`` a ComfyUI "diff" file of ``student - teacher`` (DARE on entries).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = self.export_metadata()
+        net = self.student_network()
+        lora = has_lora(net)
+        state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
+        written = [_save_atomic(state, path, meta)]
+        if lora:
+            factors = lora_factors(net)
+            if dare_p > 0:
+                factors = {n: dare_lora(d, u, a, dare_p, dare_seed + i) for i, (n, (d, u, a)) in
+                           enumerate(sorted(factors.items()))}
+            lpath = path.with_name(path.stem + "_lora.safetensors")
+            written.append(_save_atomic(comfy_lora_state_dict(factors, lora_prefix), lpath,
+                                        {**meta, "format": "comfyui-lora", "key_prefix": lora_prefix,
+                                         "dare_p": dare_p, "dare_seed": dare_seed}))
+        if write_delta:
+            tnet = getattr(self.teacher, "model", self.teacher)
+            tstate = merged_state_dict(tnet) if lora else tnet.state_dict()
+            deltas = {}
+            for i, (k, v) in enumerate(sorted(state.items())):
+                if k in tstate and v.is_floating_point():
+                    d = v.float() - tstate[k].float()
+                    deltas[k] = dare(d, dare_p, dare_seed + i) if dare_p > 0 else d
+            dpath = path.with_name(path.stem + "_delta.safetensors")
+            written.append(_save_atomic(comfy_diff_state_dict(deltas, lora_prefix), dpath,
+                                        {**meta, "format": "comfyui-diff", "key_prefix": lora_prefix,
+                                         "dare_p": dare_p, "dare_seed": dare_seed}))
+        return written
+
+
+def _save_atomic(state: dict[str, Tensor], path: Path, meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(meta, default=str)})
+    os.replace(tmp, path)
+    side = path.with_suffix(".json")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, side)
+    return path

@@ -1,0 +1,275 @@
+"""DMD2 distillation as a LightningModule (manual optimization: generator and critic).
+
+Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis", Alg. 1: per batch the
+generator (the student) is updated once every ``critic_ratio`` batches with the distribution-matching gradient
+(``core.losses.dmd_loss``: teacher with CFG as the real score, critic as the fake score, at re-noised generator
+samples), and the critic is updated on every batch with the denoising loss on detached generator samples
+(``fake_score_loss``). Optional GAN classifier on the critic's features (sec. 4.3) trained on real data, and
+optional f-divergence weighting from its logit (f-distill). Multi-step generators (sec. 4.4) are trained at
+their timesteps on states made by their own backward simulation.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample
+from ..core.guidance.scaled import guided_denoise
+from ..core.losses.common import sigma_at_fraction
+from ..core.losses.dmd import (
+    DIVERGENCES,
+    dmd_gradient,
+    dmd_loss,
+    f_divergence_weights,
+    fake_score_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from ..core.models.critic import ClassifierHead, FeatureTap, default_feature_module
+from ..core.sampling.schedules import timestep_list
+from .base import DistillationModule, frozen
+
+
+def dmd2_optimizer_steps(batches: int, critic_ratio: int) -> int:
+    """``trainer.global_step`` after ``batches`` DMD2 batches: one critic step per batch plus one generator step
+    every ``critic_ratio`` batches (Lightning counts every optimizer step under manual optimization)."""
+    return batches + (batches + critic_ratio - 1) // critic_ratio
+
+
+class DMD2Distillation(DistillationModule):
+    """One- or multi-step DMD2 student of a teacher.
+
+    Args (besides ``DistillationModule``'s):
+        guidance_scale: CFG scale of the real score (fewstep convention; 1 = no CFG).
+        generator_timesteps: ``None`` for a one-step generator at ``sigma_max``; or model timesteps such as
+            ``[999, 749, 499, 249]`` for a multi-step generator (backward simulation).
+        critic_ratio: critic updates per generator update (DMD2 uses 5; counted by ``batches_seen``).
+        critic_lr: critic learning rate (default ``lr``).
+        t_range: re-noising levels as fractions of the noise range (DMD2: ``[0.02, 0.98]`` of the timesteps).
+        critic_loss_space: ``"native"`` (the teacher's eps/v parameterisation) or ``"x0"``.
+        gan_weight, gan_critic_weight: GAN generator / discriminator loss weights (0 = no GAN head).
+        divergence: ``"reverse_kl"`` (DMD), ``"forward_kl"`` or ``"js"`` (f-distill; needs the GAN head).
+        real_data, real_labels: real samples (and their classes) for the GAN discriminator.
+        feature_module: critic layer whose output feeds the GAN head (default: middle block).
+        max_generator_steps: stop training after this many generator updates.
+    """
+
+    method = "dmd2"
+
+    def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], guidance_scale: float = 2.0,
+                 generator_timesteps: Sequence[float] | None = None, critic_ratio: int = 5,
+                 critic_lr: float | None = None, t_range: tuple[float, float] = (0.02, 0.98),
+                 critic_loss_space: str = "native", gan_weight: float = 0.0, gan_critic_weight: float | None = None,
+                 divergence: str = "reverse_kl", real_data: Tensor | None = None, real_labels: Tensor | None = None,
+                 feature_module: str | None = None, max_generator_steps: int | None = None, **kwargs: Any):
+        critic = copy.deepcopy(teacher)  # before a LoRA student changes the teacher network
+        super().__init__(teacher, sample_shape, **kwargs)
+        self.automatic_optimization = False
+        self.guidance_scale = check_guidance_range(guidance_scale, "real-score guidance scale")[0]
+        self._check_cfg((self.guidance_scale, self.guidance_scale))
+        if int(critic_ratio) < 1:
+            raise ValueError(f"critic_ratio must be >= 1, got {critic_ratio}")
+        self.critic_ratio = int(critic_ratio)
+        self.critic_lr = float(critic_lr if critic_lr is not None else self.lr)
+        if not 0.0 <= t_range[0] < t_range[1] <= 1.0:
+            raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {t_range}")
+        self.t_range = (float(t_range[0]), float(t_range[1]))
+        if critic_loss_space not in ("native", "x0"):
+            raise ValueError(f"critic_loss_space must be 'native' or 'x0', got {critic_loss_space!r}")
+        self.critic_loss_space = critic_loss_space
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        self.gan_weight = float(gan_weight)
+        self.gan_critic_weight = float(gan_critic_weight if gan_critic_weight is not None else gan_weight)
+        self.use_gan = self.gan_weight > 0 or self.gan_critic_weight > 0 or divergence != "reverse_kl"
+        if divergence != "reverse_kl" and self.gan_critic_weight <= 0:
+            raise ValueError(f"divergence {divergence!r} needs the density ratio of a trained GAN discriminator: "
+                             "set gan_critic_weight > 0 (and real_data)")
+        self.divergence = divergence
+        if self.use_gan and real_data is None:
+            raise ValueError("the GAN head (gan_weight / gan_critic_weight / f-divergence) needs real_data")
+        self.real_data = None if real_data is None else torch.as_tensor(real_data).float().cpu()
+        self.real_labels = None if real_labels is None else torch.as_tensor(real_labels).long().cpu()
+        if self.real_data is not None and tuple(self.real_data.shape[1:]) != self.sample_shape:
+            raise ValueError(f"real_data samples have shape {tuple(self.real_data.shape[1:])}, "
+                             f"expected {self.sample_shape}")
+        critic.requires_grad_(True).eval()
+        self.critic = critic
+        ms = self.model_sampling
+        if generator_timesteps is None:
+            self.generator_sigmas = torch.tensor([float(ms.sigma_max)])
+        else:
+            self.generator_sigmas = timestep_list(ms, generator_timesteps)[:-1]
+        self.head: nn.Module | None = None
+        self.tap: FeatureTap | None = None
+        if self.use_gan:
+            net = getattr(critic, "model", critic)
+            self.tap = FeatureTap(net, feature_module or default_feature_module(net))
+            with self.tap.capture():
+                from ..core.distill import probe_output
+
+                probe_output(critic, self.sample_shape, self._probe_cond())
+            feats = self.tap.features
+            self.head = ClassifierHead(int(feats.shape[-1] if feats.ndim == 3 else feats.shape[1]))
+        self.max_generator_steps = max_generator_steps
+        self.generator_updates = 0
+        self.critic_updates = 0
+        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels"], logger=False)
+
+    # ------------------------------------------------------------------------------------------ state
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "generator_updates": self.generator_updates,
+                "critic_updates": self.critic_updates}
+
+    def configure_optimizers(self):
+        gen = torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        cparams = list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+        crit = torch.optim.AdamW(cparams, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
+        return [gen, crit]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def _native(self, sigma: Tensor, x0: Tensor, x: Tensor) -> Tensor:
+        if self.critic_loss_space == "x0":
+            return x0
+        return self.model_sampling.output_from_denoised(sigma, x0, x)
+
+    def _renoise_sigma(self, ids: Tensor, stream: str) -> Tensor:
+        lo, hi = self.t_range
+        u = rand_per_sample(ids, 1, stream, self.seed, self.device)[:, 0]
+        return sigma_at_fraction(self.model_sampling, lo + (hi - lo) * u).to(self.device)
+
+    def generator_inputs(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, sigma)`` the generator is trained on: pure noise at the first generator sigma, or for multi-step
+        generators the state at a random one of its sigmas reached by its own sampling (no gradient)."""
+        ms = self.model_sampling
+        sig = self.generator_sigmas.to(self.device)
+        z = self.randn(ids, "dmd/gen_noise")
+        x = ms.noise_scaling(sig[0], z, torch.zeros_like(z), max_denoise=True)
+        if len(sig) == 1:
+            return x, sig[0].expand(len(ids))
+        k = randint_per_sample(ids, len(sig), "dmd/gen_step", self.seed, self.device)
+        out, out_sigma = x.clone(), sig[0].expand(len(ids)).clone()
+        with torch.no_grad():
+            for j in range(1, int(k.max()) + 1):
+                x0 = self.student(x, sig[j - 1].expand(len(ids)), **self.cond(labels))
+                x = ms.noise_scaling(sig[j], self.randn(ids, f"dmd/sim_noise{j}"), x0)
+                pick = k == j
+                out[pick], out_sigma = x[pick], torch.where(pick, sig[j], out_sigma)
+        return out, out_sigma
+
+    def _critic_forward(self, x: Tensor, sigma: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.tap is None:
+            return self.critic(x, sigma, **self.cond(labels)), None
+        with self.tap.capture():
+            out = self.critic(x, sigma, **self.cond(labels))
+        return out, self.head(self.tap.features)
+
+    def generator_loss(self, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """DMD2 generator loss for the samples ``ids``. Returns ``(loss, generated x0 (detached), logs)``."""
+        ms = self.model_sampling
+        labels = self.draw_labels(ids)
+        x_in, sigma_in = self.generator_inputs(ids, labels)
+        x0 = self.student(x_in, sigma_in, **self.cond(labels))
+        sigma = self._renoise_sigma(ids, "dmd/t")
+        x_t = ms.noise_scaling(sigma, self.randn(ids, "dmd/noise"), x0)
+        with torch.no_grad():
+            real_x0 = guided_denoise(self.teacher, x_t.detach(), sigma, self.guidance_scale, self.cond_key,
+                                     self.null, **self.cond(labels))
+        logs: dict[str, Tensor] = {}
+        with frozen(self.critic, self.head):
+            if self.use_gan:
+                fake_x0, logits = self._critic_forward(x_t, sigma, labels)
+            else:
+                with torch.no_grad():
+                    fake_x0, logits = self._critic_forward(x_t.detach(), sigma, labels)
+            weights = None
+            if self.divergence != "reverse_kl":
+                weights = f_divergence_weights(logits, self.divergence, self.batch_mean)
+                logs["f_weight_max"] = weights.max()
+            loss = dmd_loss(x0, real_x0, fake_x0.detach(), weights)
+            logs["dmd"] = loss.detach()
+            logs["dmd_grad"] = dmd_gradient(x0, real_x0, fake_x0, weights).abs().mean()
+            if self.gan_weight > 0:
+                g = gan_generator_loss(logits)
+                logs["gan_g"] = g.detach()
+                loss = loss + self.gan_weight * g
+        return loss, x0.detach(), logs
+
+    def critic_loss(self, ids: Tensor, x0: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Critic (fake score) denoising loss on generator samples, plus the GAN discriminator loss."""
+        ms = self.model_sampling
+        labels = self.draw_labels(ids)
+        if x0 is None:
+            with torch.no_grad():
+                x_in, sigma_in = self.generator_inputs(ids, labels)
+                x0 = self.student(x_in, sigma_in, **self.cond(labels))
+        x0 = x0.detach()
+        sigma = self._renoise_sigma(ids, "critic/t")
+        x_t = ms.noise_scaling(sigma, self.randn(ids, "critic/noise"), x0)
+        logs: dict[str, Tensor] = {}
+        if self.use_gan:
+            idx = randint_per_sample(ids, len(self.real_data), "real/index", self.seed)
+            xr = self.real_data[idx].to(self.device)
+            yr = self.real_labels[idx].to(self.device) if self.real_labels is not None else labels
+            xr_t = ms.noise_scaling(sigma, self.randn(ids, "real/noise"), xr)
+            out, logits = self._critic_forward(torch.cat([x_t, xr_t]), torch.cat([sigma, sigma]),
+                                               torch.cat([labels, yr]))
+            pred, (fake_logits, real_logits) = out[: len(ids)], logits.chunk(2)
+        else:
+            pred, _ = self._critic_forward(x_t, sigma, labels)
+        loss = fake_score_loss(self._native(sigma, pred, x_t), self._native(sigma, x0, x_t))
+        logs["critic"] = loss.detach()
+        if self.use_gan and self.gan_critic_weight > 0:
+            d = gan_discriminator_loss(real_logits, fake_logits)
+            logs["gan_d"] = d.detach()
+            loss = loss + self.gan_critic_weight * d
+        return loss, logs
+
+    # ----------------------------------------------------------------------------------------- step
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        self.disable_ddp_reducer()
+        opt_g, opt_c = self.optimizers()
+        ids = self.sample_ids()
+        logs: dict[str, Tensor] = {}
+        x0 = None
+        if self.batches_seen % self.critic_ratio == 0:
+            loss_g, x0, lg = self.generator_loss(ids)
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(loss_g)
+            self.sync_gradients(self.student_trainable())
+            if self.grad_clip > 0:
+                self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            opt_g.step()
+            self.generator_updates += 1
+            self.student_updates += 1
+            logs.update({f"train/{k}": v for k, v in lg.items()})
+            logs["train/loss_g"] = loss_g.detach()
+        loss_c, lc = self.critic_loss(ids, x0)
+        opt_c.zero_grad(set_to_none=True)
+        self.manual_backward(loss_c)
+        self.sync_gradients(self.critic_parameters())
+        if self.grad_clip > 0:
+            self.clip_gradients(opt_c, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt_c.step()
+        self.critic_updates += 1
+        self.batches_seen += 1
+        logs.update({f"train/{k}": v for k, v in lc.items()})
+        logs["train/loss_c"] = loss_c.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(ids))
+        if self.max_generator_steps and self.generator_updates >= self.max_generator_steps:
+            self.trainer.should_stop = True
+        return {"loss": loss_c.detach(), **{k.split("/", 1)[1]: v for k, v in logs.items()}}
+
+    # ------------------------------------------------------------------------------------- sampling
+    def sampling_plan(self) -> dict[str, Any]:
+        sig = torch.cat([self.generator_sigmas, torch.zeros(1)])
+        return {"denoiser": self.student, "sampler": "onestep" if len(self.generator_sigmas) == 1 else "dmd",
+                "sigmas": sig, "extra": {}}

@@ -1,0 +1,125 @@
+"""Exponential moving average of the student only (not the teacher, not the critic).
+
+Like Lightning's ``EMAWeightAveraging`` but restricted to ``pl_module.ema_parameters()`` (the student's trainable
+tensors: a full copy, LoRA matrices or a guidance adapter). The average is updated after every student update
+(``pl_module.student_updates``), saved and restored through the callback's ``state_dict``, swapped into the
+student for validation and export, and swapped out again afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+
+class StudentEMA(Callback):
+    """EMA of the student's trainable parameters.
+
+    Args:
+        decay: EMA decay; with ``warmup`` the decay of update ``n`` is ``min(decay, (1 + n) / (10 + n))``.
+        warmup: ramp the decay up (the average follows the student closely at first).
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.ema: dict[str, Tensor] | None = None
+        self.updates = 0
+        self.seen_version = -1
+        self._swapped: dict[str, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"StudentEMA[decay={self.decay}]"
+
+    def _init(self, pl_module: L.LightningModule) -> None:
+        params = pl_module.ema_parameters()
+        if self.ema is None:
+            self.ema = {k: p.detach().clone() for k, p in params.items()}
+            self.seen_version = int(getattr(pl_module, "student_updates", 0))
+        else:
+            missing = sorted(set(params) ^ set(self.ema))
+            if missing:
+                raise ValueError(f"StudentEMA state does not match the student's parameters ({missing[:4]} ...)")
+            self.ema = {k: v.to(params[k].device, params[k].dtype) for k, v in self.ema.items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._init(pl_module)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        version = int(getattr(pl_module, "student_updates", trainer.global_step))
+        if version == self.seen_version:
+            return
+        self.seen_version = version
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for k, p in pl_module.ema_parameters().items():
+            self.ema[k].lerp_(p.detach(), 1.0 - d)
+        self.updates += 1
+
+    @contextmanager
+    def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Inside the block the student holds the EMA weights (nested use is a no-op)."""
+        if self.ema is None:
+            self._init(pl_module)
+        if self._swapped is not None:
+            yield
+            return
+        params = pl_module.ema_parameters()
+        with torch.no_grad():
+            self._swapped = {k: p.detach().clone() for k, p in params.items()}
+            for k, p in params.items():
+                p.copy_(self.ema[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(self._swapped[k])
+            self._swapped = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ctx = self.swapped(pl_module)
+        self._ctx.__enter__()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
+                "updates": self.updates, "seen_version": self.seen_version, "decay": self.decay}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema = None if state_dict["ema"] is None else dict(state_dict["ema"])
+        self.updates = int(state_dict["updates"])
+        self.seen_version = int(state_dict["seen_version"])
+
+
+def find_ema(trainer: L.Trainer) -> StudentEMA | None:
+    """The trainer's ``StudentEMA`` callback, if any."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, StudentEMA):
+            return cb
+    return None
+
+
+@contextmanager
+def ema_weights(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Iterator[None]:
+    """Swap the EMA weights in if the trainer has a ``StudentEMA`` callback (else the live weights)."""
+    ema = find_ema(trainer) if trainer is not None else None
+    if ema is None:
+        yield
+    else:
+        with ema.swapped(pl_module):
+            yield

@@ -1,0 +1,245 @@
+"""Train the shipped students of the embedded digits teacher on CPU, within a time budget (resumable).
+
+    python -m fewstep.callbacks.train_students <dmd2|consistency|reflow|agd> [--budget SECONDS] [--smoke]
+
+- ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2, one step at sigma_max, real score with CFG 2, critic 5:1,
+  GAN head on the real digits.
+- ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
+  segments starting from it (Hyper-SD's progressive segments), teacher CFG 2.
+- ``reflow`` -> ``digits_reflow_1step.safetensors``: 4096 teacher CFG-2 ODE pairs (DPM-Solver++(2M), 16 steps),
+  reflow with U-shaped time, then InstaFlow's one-step stage.
+- ``agd`` -> ``digits_agd_adapter.safetensors``: 4096 CFG trajectories with w in [1, 4], a rank-2 guidance adapter
+  (about 2% of the teacher).
+
+Each stage runs a stock ``lightning.Trainer`` with ``max_time`` = its share of the budget, checkpoints every
+``--checkpoint-every`` batches into ``--out`` and resumes from its last checkpoint when run again; the EMA student is
+exported to ``--export-dir`` (default: the package's weights folder, next to the teacher). Teacher trajectories are
+generated once into ``--out`` (resumable too; their time counts against the budget the first time).
+``train_student`` is the function behind ``fewstep train-student``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+METHODS = ("dmd2", "consistency", "reflow", "agd")
+SHAPE = (1, 16, 16)
+CFG = 2.0
+AGD_RANGE = (1.0, 4.0)
+SHIPPED = {
+    "dmd2": ["digits_dmd2_1step.safetensors"],
+    "consistency": ["digits_consistency_4step.safetensors", "digits_consistency_2step.safetensors"],
+    "reflow": ["digits_reflow_1step.safetensors"],
+    "agd": ["digits_agd_adapter.safetensors"],
+}
+
+
+class StepTimer(Callback):
+    """Records the wall time between consecutive training batches (everything a step costs)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def _quiet() -> None:
+    import logging
+
+    for pat in (".*does not have many workers.*", ".*IterableDataset.*", ".*LitLogger.*", ".*treespec.*",
+                ".*in eval mode.*", ".*reproducible.*"):
+        warnings.filterwarnings("ignore", pat)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
+         checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool) -> dict[str, Any]:
+    """Fit one stage with EMA, guard, grids, quality eval, checkpoints and export. Returns a summary."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from . import DivergenceGuard, QualityEval, SampleGrid, StudentEMA, StudentExport, dmd2_optimizer_steps
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer()
+    ema = StudentEMA(0.99 if smoke else 0.999)
+    callbacks = [ema, DivergenceGuard(), timer]
+    if not smoke:
+        callbacks += [SampleGrid(stage_dir / "grids", every_n_steps=eval_every or 250, per_class=8),
+                      QualityEval(every_n_steps=eval_every, per_class=20)]
+    export = StudentExport(export_path) if export_path is not None else None
+    if export is not None:
+        callbacks.append(export)
+    ckpt = ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
+                           save_top_k=0) if not smoke else None
+    if ckpt is not None:
+        callbacks.append(ckpt)
+    max_steps = -1
+    if max_batches is not None:
+        max_steps = dmd2_optimizer_steps(max_batches, module.critic_ratio) if module.method == "dmd2" \
+            else max_batches
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_time=timedelta(seconds=budget_s),
+                        callbacks=callbacks, logger=CSVLogger(stage_dir, name="logs") if not smoke else False,
+                        enable_checkpointing=ckpt is not None, enable_progress_bar=progress,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(module, ckpt_path=str(last) if (ckpt is not None and last.exists()) else None)
+    quality = next((cb.history[-1] for cb in callbacks if isinstance(cb, QualityEval) and cb.history), None)
+    return {"method": module.method, "batches": module.batches_seen, "counters": module.counters(),
+            "fit_seconds": round(time.perf_counter() - t0, 2), "step_seconds_median": round(timer.median(), 4),
+            "files": [str(p) for p in (export.written if export else [])], "quality": quality}
+
+
+def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int, progress: bool) -> Path:
+    from ..core.trajectories import generate_trajectories
+
+    return generate_trajectories(teacher, out / name, num_samples=num, sample_shape=SHAPE, guidance=guidance,
+                                 sampler="dpmpp_2m", steps=steps, schedule="karras", shard_size=512, batch_size=256,
+                                 seed=1234, progress=progress)
+
+
+def train_student(method: str, out: str | Path = "fewstep-students", export_dir: str | Path | None = None,
+                  budget: float = 900.0, max_batches: int | None = None, batch_size: int = 32,
+                  threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
+                  eval_every: int | None = 500, trajectories: int = 4096, smoke: bool = False,
+                  progress: bool = True, teacher_path: str | Path | None = None) -> dict[str, Any]:
+    """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
+    ``<out>/<method>/summary.json``).
+
+    Args:
+        method: ``dmd2``, ``consistency``, ``reflow`` or ``agd``.
+        out: working folder (checkpoints, logs, grids, trajectories).
+        export_dir: where the students are exported (default: ``fewstep/core/models/weights``).
+        budget: CPU seconds for the whole method (trajectory generation + all stages).
+        max_batches: cap on batches per stage (smoke runs); the time budget still applies.
+        batch_size, threads, seed: training batch, torch threads, seed.
+        trajectories: number of teacher trajectories for reflow / AGD.
+        smoke: a few batches, small trajectories, no checkpoints / evaluation, exports into ``out``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 seconds, got {budget}")
+    _quiet()
+    if threads:
+        torch.set_num_threads(int(threads))
+    from ..core.models.digits import load_digits_tensors
+    from ..core.models.embedded import WEIGHTS_DIR, load_teacher
+    from ..core.models.students import load_student
+    from . import ConsistencyDistillation, DMD2Distillation, GuidanceAdapterDistillation, ReflowDistillation
+
+    out = Path(out) / method
+    export_dir = Path(export_dir) if export_dir is not None else (out / "export" if smoke else WEIGHTS_DIR)
+    if smoke:
+        max_batches = max_batches or 6
+        trajectories = min(trajectories, 64)
+        checkpoint_every, eval_every = 10**9, None
+    t_start = time.perf_counter()
+
+    def left() -> float:
+        return max(1.0, budget - (time.perf_counter() - t_start))
+
+    teacher = load_teacher(teacher_path) if teacher_path else load_teacher()
+    common = {"batch_size": batch_size, "seed": seed}
+    stages: list[dict[str, Any]] = []
+    fit = {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "progress": progress, "smoke": smoke,
+           "max_batches": max_batches}
+    x, y = load_digits_tensors("train")
+    if method == "dmd2":
+        module = DMD2Distillation(teacher, SHAPE, guidance_scale=CFG, critic_ratio=5, lr=2e-5, critic_lr=1e-4,
+                                  betas=(0.0, 0.99), gan_weight=3e-3, gan_critic_weight=1e-2, real_data=x,
+                                  real_labels=y, **common)
+        stages.append(_fit(module, out / "stage1", left(), export_path=export_dir / SHIPPED["dmd2"][0], **fit))
+    elif method == "consistency":
+        m4 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=4, num_grid=48,
+                                     skip=1, lr=5e-5, **common)
+        p4 = export_dir / SHIPPED["consistency"][0]
+        stages.append(_fit(m4, out / "stage1_4seg", left() * 2 / 3, export_path=p4, **fit))
+        student4, _ = load_student(p4)
+        m2 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=2, num_grid=48,
+                                     skip=1, lr=2e-5, student=student4.requires_grad_(True), **common)
+        stages.append(_fit(m2, out / "stage2_2seg", left(), export_path=export_dir / SHIPPED["consistency"][1],
+                           **fit))
+    elif method == "reflow":
+        traj = _trajectories(teacher, out, "trajectories_cfg2", trajectories, CFG, 16, progress)
+        m = ReflowDistillation(teacher, SHAPE, traj, time_sampling="u_shaped", lr=5e-5, **common)
+        tmp = out / "stage1_reflow" / "student_reflow.safetensors"
+        stages.append(_fit(m, out / "stage1_reflow", left() * 2 / 3, export_path=tmp, **fit))
+        student, _ = load_student(tmp)
+        m1 = ReflowDistillation(teacher, SHAPE, traj, time_sampling="one_step", lr=2e-5,
+                                student=student.requires_grad_(True), **common)
+        stages.append(_fit(m1, out / "stage2_onestep", left(), export_path=export_dir / SHIPPED["reflow"][0], **fit))
+    else:
+        traj = _trajectories(teacher, out, "trajectories_cfg1-4", trajectories, AGD_RANGE, 16, progress)
+        m = GuidanceAdapterDistillation(teacher, SHAPE, traj, rank=2, embed_dim=32, hidden=32, eval_guidance=CFG,
+                                        lr=1e-3, **common)
+        stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0], **fit))
+    summary = {"method": method, "budget_seconds": budget, "seconds": round(time.perf_counter() - t_start, 1),
+               "threads": torch.get_num_threads(), "smoke": smoke, "stages": stages}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(out / "summary.json")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train-student`` arguments (shared by this module's CLI and ``fewstep train-student``)."""
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--budget", type=float, default=900.0, help="CPU seconds for the whole method (default 900)")
+    p.add_argument("--out", default="fewstep-students", help="working folder (checkpoints, logs, trajectories)")
+    p.add_argument("--export-dir", default=None, help="where students are written (default: the package weights)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=None, help="cap on batches per stage")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
+    p.add_argument("--eval-every", type=int, default=500, help="batches between quality evaluations")
+    p.add_argument("--trajectories", type=int, default=4096, help="teacher trajectories (reflow, agd)")
+    p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
+    p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    s = train_student(args.method, out=args.out, export_dir=args.export_dir, budget=args.budget,
+                      max_batches=args.max_batches, batch_size=args.batch_size, threads=args.threads, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                      trajectories=args.trajectories, smoke=args.smoke, progress=not args.no_progress,
+                      teacher_path=args.teacher)
+    for st in s["stages"]:
+        q = st.get("quality") or {}
+        extra = f", FD {q['fd']:.2f}, accuracy {q['accuracy']:.3f}" if q else ""
+        print(f"{s['method']}: {st['batches']} batches in {st['fit_seconds']:.0f} s "
+              f"({st['step_seconds_median'] * 1000:.0f} ms/batch){extra} -> {', '.join(st['files'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = add_arguments(argparse.ArgumentParser(prog="fewstep train-student", description=__doc__.split("\n\n")[0]))
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Distribution matching distillation: DMD / DMD2 generator and critic losses, GAN head losses, f-divergence weights.
+
+DMD (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation", eq. 7) trains a generator
+``G`` so that its output distribution matches the teacher's: the gradient of ``KL(p_fake || p_real)`` is
+``-(s_real(x_t) - s_fake(x_t)) dG/dtheta`` at generator samples re-noised to a random ``t``, where ``s_real`` is the
+teacher's score and ``s_fake`` the score of a critic ("fake score") that keeps fitting the generator's own
+samples. With denoisers, ``s(x_t) ∝ D(x_t) - x_t``, so the direction is ``D_fake(x_t) - D_real(x_t)``, normalised per
+sample by ``mean |x - D_real(x_t)|`` (DMD eq. 8). DMD2 (Yin et al. 2024, "Improved Distribution Matching
+Distillation for Fast Image Synthesis", sec. 4, Alg. 1, and its ``sd_guidance.py``) drops the regression loss,
+updates the critic several times per generator update, and adds a GAN classifier on the critic's features
+(sec. 4.3, non-saturating losses).
+
+f-distill (Xu et al. 2025, "One-step Diffusion Models with f-Divergence Distribution Matching", eq. 8 and Table 1)
+generalises the reverse KL: the score difference is weighted per sample by ``h(r) = r^2 f''(r)`` with the density
+ratio ``r = p_real / p_fake`` estimated from the GAN discriminator's logit (``r = exp(logit)``), normalised over
+the batch. Reverse KL has ``h = 1`` (plain DMD), forward KL ``h = r``, Jensen-Shannon ``h = r / (1 + r)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import per_sample_mean, weighted_mean
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+
+
+def dmd_gradient(x0: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The normalised DMD gradient w.r.t. the generator output ``x0`` (DMD eq. 7-8, DMD2 ``sd_guidance.py``):
+
+    ``grad = (p_real - p_fake) / mean|p_real|`` with ``p_real = x0 - D_real(x_t)``, ``p_fake = x0 - D_fake(x_t)``,
+    i.e. ``(D_fake - D_real) / mean|x0 - D_real|`` per sample; optional per-sample ``weights`` (f-divergence).
+    NaNs (a zero normaliser) become 0. No gradient flows through the result.
+    """
+    with torch.no_grad():
+        x0, real_x0, fake_x0 = x0.detach().float(), real_x0.detach().float(), fake_x0.detach().float()
+        p_real = x0 - real_x0
+        p_fake = x0 - fake_x0
+        dims = tuple(range(1, x0.ndim))
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=dims, keepdim=True)
+        if weights is not None:
+            grad = grad * weights.detach().float().reshape((-1,) + (1,) * (x0.ndim - 1))
+        return torch.nan_to_num(grad)
+
+
+def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | None = None) -> Tensor:
+    """DMD2 generator loss ``0.5 * mse(x0, stopgrad(x0 - grad))`` (``sd_guidance.compute_distribution_matching_loss``):
+    its gradient w.r.t. ``x0`` is ``dmd_gradient / numel``. ``x0`` must carry the generator's graph."""
+    grad = dmd_gradient(x0, real_x0, fake_x0, weights)
+    target = (x0.detach().float() - grad).detach()
+    return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
+
+
+def fake_score_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Critic ("fake score") denoising loss on generator samples (DMD eq. 6, DMD2 Alg. 1 line 11): mean squared
+    error between the critic's prediction and the target in one parameterisation (x0, or the teacher's native
+    eps/v output), optionally weighted per sample. The generator samples must be detached by the caller."""
+    return weighted_mean(per_sample_mean((pred.float() - target.float()) ** 2), weights)
+
+
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss ``E[softplus(-D(G(z)))]`` (Goodfellow et al. 2014, sec. 3; DMD2 sec. 4.3)."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator loss ``E[softplus(-D(x))] + E[softplus(D(G(z)))]`` (logistic loss; DMD2 sec. 4.3)."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def f_divergence_weight(log_ratio: Tensor, divergence: str = "reverse_kl") -> Tensor:
+    """Unnormalised f-distill weight ``h(r) = r^2 f''(r)`` at ``r = exp(log_ratio)`` (f-distill Table 1):
+    ``reverse_kl`` (``f = -log r``) -> 1, ``forward_kl`` (``f = r log r``) -> ``r``,
+    ``js`` (``f = r log r - (1 + r) log((1 + r) / 2)``) -> ``r / (1 + r)``."""
+    lr = log_ratio.detach().float()
+    if divergence == "reverse_kl":
+        return torch.ones_like(lr)
+    if divergence == "forward_kl":
+        return lr.clamp(max=50.0).exp()
+    if divergence == "js":
+        return torch.sigmoid(lr)  # r / (1 + r)
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+
+
+def f_divergence_weights(log_ratio: Tensor, divergence: str = "reverse_kl",
+                         batch_mean: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Per-sample f-divergence weights normalised to mean 1 over the batch (f-distill sec. 4.2), detached.
+
+    ``log_ratio`` is the discriminator logit (``log p_real/p_fake`` at the optimum of the logistic loss).
+    ``batch_mean`` computes the batch mean (pass an all-reduce mean under data parallelism so every process
+    normalises by the global batch).
+    """
+    h = f_divergence_weight(log_ratio, divergence).reshape(-1)
+    mean = batch_mean(h.mean()) if batch_mean is not None else h.mean()
+    return (h / mean.clamp(min=1e-12)).detach()
