@@ -48,6 +48,14 @@ def _search_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_student(args: argparse.Namespace) -> int:
+    try:
+        from .callbacks.train_students import run_from_args
+    except ImportError as e:
+        raise ImportError(f"training needs the train extra: pip install 'fewstep[train]' ({e})") from e
+    return int(run_from_args(args) or 0)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
         from .benchmarks.quality import main as quality_main
@@ -186,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, default=1.25)
     s.add_argument("--out", default=None)
     s.set_defaults(fn=_search_schedule)
+
+    ts = sub.add_parser("train-student", help="distil a shipped student of the embedded teacher (Lightning)")
+    ts.set_defaults(fn=_train_student)
+    try:
+        from .callbacks.train_students import add_arguments
+
+        add_arguments(ts)
+    except ImportError:  # lightning not installed: the subcommand explains itself when used
+        ts.add_argument("rest", nargs=argparse.REMAINDER)
 
     b = sub.add_parser("bench", help="run a benchmark (JSON in benchmarks/results/)")
     b.add_argument("what", choices=["quality", "samplers", "onnx"])

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..core.models.embedded import TEACHER_CFG
+
 METHODS = ("dmd2", "consistency", "reflow", "agd")
 SHAPE = (1, 16, 16)
-CFG = 2.0
+CFG = TEACHER_CFG  # the teacher's best-FD guidance scale; students distil the teacher at this scale
 AGD_RANGE = (1.0, 4.0)
 SHIPPED = {
     "dmd2": ["digits_dmd2_1step.safetensors"],
