@@ -203,7 +203,10 @@ class DistillationModule(L.LightningModule):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         t = self.trainer
         if t.max_steps is None or t.max_steps < 0:
-            if t.max_time is None and not getattr(self, "max_generator_steps", None):
+            from lightning.pytorch.callbacks import Timer  # Trainer(max_time=...) installs a Timer callback
+
+            timed = any(isinstance(cb, Timer) and getattr(cb, "_duration", None) for cb in t.callbacks)
+            if not timed and not getattr(self, "max_generator_steps", None):
                 raise ValueError("distillation modules draw endless batches: set Trainer(max_steps=...) or max_time")
 
     def configure_optimizers(self):
