@@ -229,3 +229,13 @@ def test_dmd2_multistep_trains_on_its_own_backward_simulation(work):
     assert plan["sampler"] == "dmd" and torch.equal(plan["sigmas"], torch.tensor([float(gs[0]), float(gs[1]), 0.0]))
     tiny.trainer(module, 2).fit(module)
     assert module.generate_samples(labels[:4]).shape == (4, *tiny.SHAPE)
+
+
+def test_endless_batches_need_a_stop_and_max_time_is_one(work):
+    """Modules draw endless batches: a Trainer without max_steps/max_time is refused, max_time alone works."""
+    module = tiny.build("reflow", work, unique_samples=8)
+    with pytest.raises(ValueError, match="max_steps"):
+        tiny.trainer(module, 1, max_steps=-1).fit(module)
+    module = tiny.build("reflow", work, unique_samples=8)
+    tiny.trainer(module, 1, max_steps=-1, max_time={"seconds": 2}).fit(module)
+    assert module.batches_seen >= 1

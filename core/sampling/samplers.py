@@ -49,6 +49,12 @@ def alpha_sigma(model: Any, sigma: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ones_like(sigma), sigma
 
 
+def _is_discrete_vp(model_sampling: Any) -> bool:
+    """Discrete-timestep VP sampling (fewstep's ``DiscreteVP`` or ComfyUI's ``ModelSamplingDiscrete``)."""
+    return (not is_flow(model_sampling) and getattr(model_sampling, "sigmas", None) is not None
+            and (hasattr(model_sampling, "num_timesteps") or hasattr(model_sampling, "log_sigmas")))
+
+
 def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
     """Half log-SNR ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver, sec. 3.1)."""
     return alpha.log() - sigma.log()
@@ -264,7 +270,7 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
     ms = get_model_sampling(model)
     if quantize is None:
-        quantize = hasattr(ms, "alphas_cumprod")
+        quantize = _is_discrete_vp(ms)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
@@ -275,7 +281,7 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         eps = (x - a * denoised) / s
         if gamma == 0:
             sig_s = sigmas[i + 1]
-        elif hasattr(ms, "alphas_cumprod"):  # discrete VP: s = (1 - gamma) t_next in model timesteps
+        elif _is_discrete_vp(ms):  # discrete VP: s = (1 - gamma) t_next in model timesteps
             t_s = ms.timestep(sigmas[i + 1]) * (1 - gamma)
             if quantize:
                 t_s = t_s.floor()

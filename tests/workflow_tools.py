@@ -1,0 +1,339 @@
+"""fewstep's example workflows: their API-format definitions, and the frontend round trip that makes the UI format.
+
+``workflows/api/<name>.json`` (API format, what ``POST /prompt`` takes) is generated from the graphs below;
+``workflows/<name>.json`` (UI format, what ComfyUI's template browser lists from a pack's ``workflows/`` folder and
+the frontend loads) is made by the ComfyUI frontend itself: it loads the API graph (``app.loadApiJson``, which also
+lays it out) and serialises it (``app.graph.serialize()``), so the UI files match the frontend version exactly.
+``<name>.jpg`` next to a UI workflow is its thumbnail in the template browser (digits workflows: their own output).
+
+Regenerate everything (needs the ComfyUI fixture, Debian ``chromium`` and ``pip install playwright``)::
+
+    python tests/workflow_tools.py                  # API + UI + thumbnails (starts its own server)
+    python tests/workflow_tools.py --api-only       # API files only (no browser)
+    python tests/workflow_tools.py --ui-only URL    # API + UI from a running server, thumbnails kept
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO_ROOT / "workflows"
+API_DIR = WORKFLOWS / "api"
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+
+
+class Graph:
+    """A tiny API-format graph builder: ``g.add(class_type, title, **inputs)`` returns the node id."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict[str, Any]] = {}
+
+    def add(self, class_type: str, title: str | None = None, **inputs: Any) -> str:
+        nid = str(len(self.nodes) + 1)
+        self.nodes[nid] = {"inputs": inputs, "class_type": class_type}
+        if title:  # without one the frontend shows the node's display name
+            self.nodes[nid]["_meta"] = {"title": title}
+        return nid
+
+    @staticmethod
+    def out(nid: str, index: int = 0) -> list:
+        return [nid, index]
+
+
+# --------------------------------------------------------------------------------------- embedded (CPU, CI)
+
+TEACHER = "digits_dit_teacher"
+
+
+def _digits(name: str, digit: int, seed: int, sampler: tuple[str, dict], sigmas: tuple[str, dict] | None,
+            cfg: float = 2.0, batch: int = 8, second_model: bool = False) -> dict:
+    g, o = Graph(), Graph.out
+    model = g.add("FewstepDigitsModelLoader", "Digits model (teacher)", model_name=TEACHER)
+    cond = g.add("FewstepDigitsClassCondition", f"Digit {digit}", digit=digit)
+    latent = g.add("FewstepDigitsEmptyLatent", "Empty digits latent", batch_size=batch)
+    guider = g.add("CFGGuider", "CFG guider", model=o(model), positive=o(cond, 0), negative=o(cond, 1), cfg=cfg)
+    noise = g.add("RandomNoise", "Noise", noise_seed=seed)
+    s_type, s_inputs = sampler
+    if second_model:
+        distilled = g.add("FewstepDigitsModelLoader", "Distilled model (teacher until a student ships)",
+                          model_name=TEACHER)
+        s_inputs = {"distilled_model": o(distilled), **s_inputs}
+    samp = g.add(s_type, None, **s_inputs)
+    if sigmas is None:  # schedule search
+        sig = g.add("FewstepScheduleSearch", "Schedule search", model=o(model), positive=o(cond, 0),
+                    negative=o(cond, 1), latent_image=o(latent), sampler_name="euler", nfe=4, cfg=cfg, seed=0,
+                    search_batch=2, grid_size=8, refine_rounds=0, reference_substeps=2)
+        g.add("PreviewAny", "Search report", source=o(sig, 1))
+    else:
+        sig = g.add(sigmas[0], None, **{"model": o(model), **sigmas[1]})
+    out = g.add("SamplerCustomAdvanced", "Sample", noise=o(noise), guider=o(guider), sampler=o(samp),
+                sigmas=o(sig, 0), latent_image=o(latent))
+    img = g.add("FewstepDigitsLatentToImage", "Digits to image", samples=o(out, 0), scale=4)
+    g.add("SaveImage", "Save", images=o(img), filename_prefix=f"fewstep/{name}")
+    return g.nodes
+
+
+FOUR_STEPS = ("FewstepTimestepSchedule", {"timesteps": "999,749,499,249", "unit": "timestep"})
+KARRAS_8 = ("BasicScheduler", {"scheduler": "karras", "steps": 8, "denoise": 1.0})
+
+
+def embedded_workflows() -> dict[str, dict]:
+    """Workflows on the embedded digits model: one per node family, all run on a CPU with no download."""
+    return {
+        "fewstep_digits_lcm": _digits("fewstep_digits_lcm", 3, 1, ("FewstepSamplerLCM", {}), FOUR_STEPS),
+        "fewstep_digits_tcd": _digits("fewstep_digits_tcd", 7, 2, ("FewstepSamplerTCD", {"gamma": 0.3}), FOUR_STEPS),
+        "fewstep_digits_dmd": _digits("fewstep_digits_dmd", 5, 3, ("FewstepSamplerDMD", {}), FOUR_STEPS),
+        "fewstep_digits_flow_map": _digits("fewstep_digits_flow_map", 1, 4, ("FewstepSamplerFlowMap", {}), KARRAS_8),
+        "fewstep_digits_onestep": _digits("fewstep_digits_onestep", 0, 5, ("FewstepSamplerOneStep", {}),
+                                          ("FewstepTimestepSchedule", {"timesteps": "999", "unit": "timestep"})),
+        "fewstep_digits_hybrid": _digits(
+            "fewstep_digits_hybrid", 8, 6,
+            ("FewstepSamplerHybrid", {"base_steps": 2, "base_sampler": "euler", "distilled_sampler": "lcm",
+                                      "distilled_cfg": 2.0}),
+            ("FewstepTimestepSchedule", {"timesteps": "999,874,749,499,249", "unit": "timestep"}),
+            second_model=True),
+        "fewstep_digits_teacher_uni_pc": _digits("fewstep_digits_teacher_uni_pc", 2, 7,
+                                                 ("FewstepSamplerTeacher", {"sampler_name": "uni_pc"}), KARRAS_8),
+        "fewstep_digits_schedule_search": _digits("fewstep_digits_schedule_search", 6, 8,
+                                                  ("FewstepSamplerTeacher", {"sampler_name": "euler"}), None),
+    }
+
+
+# ---------------------------------------------------------------------------- SD1.5 / SDXL / Flux templates
+
+
+def _text_to_image(name: str, loader: dict, sampler: tuple[str, dict], sigmas: tuple[str, dict], cfg: float,
+                   size: int, prompt: str, lora: str | None = None, negative: str = "blurry, low quality",
+                   hybrid_lora: str | None = None) -> dict:
+    g, o = Graph(), Graph.out
+    if loader["kind"] == "checkpoint":
+        ckpt = g.add("CheckpointLoaderSimple", "Load checkpoint", ckpt_name=loader["ckpt"])
+        model, clip, vae = o(ckpt, 0), o(ckpt, 1), o(ckpt, 2)
+    else:  # flux: separate diffusion model, text encoders and VAE
+        model = o(g.add("UNETLoader", "Load diffusion model", unet_name=loader["unet"], weight_dtype="default"))
+        clip = o(g.add("DualCLIPLoader", "Load text encoders", clip_name1=loader["t5"], clip_name2=loader["clip_l"],
+                       type="flux", device="default"))
+        vae = o(g.add("VAELoader", "Load VAE", vae_name=loader["vae"]))
+    base_model = model
+    if lora:
+        model = o(g.add("LoraLoaderModelOnly", "Distillation LoRA", model=model, lora_name=lora, strength_model=1.0))
+    pos = g.add("CLIPTextEncode", "Prompt", text=prompt, clip=clip)
+    neg = g.add("CLIPTextEncode", "Negative prompt", text=negative, clip=clip)
+    positive = o(pos)
+    if loader["kind"] == "flux":
+        positive = o(g.add("FluxGuidance", "Flux guidance", conditioning=positive, guidance=loader.get("guidance",
+                                                                                                       3.5)))
+    latent_node = "EmptySD3LatentImage" if loader["kind"] == "flux" else "EmptyLatentImage"
+    latent = g.add(latent_node, "Empty latent", width=size, height=size, batch_size=1)
+    guider = g.add("CFGGuider", "CFG guider (base model)" if hybrid_lora else "CFG guider", model=model,
+                   positive=positive, negative=o(neg), cfg=cfg)
+    noise = g.add("RandomNoise", "Noise", noise_seed=42)
+    s_type, s_inputs = sampler
+    if hybrid_lora:  # the guider's (base) model samples the first steps, the LoRA-distilled model the rest
+        distilled = g.add("LoraLoaderModelOnly", "Distilled model (LoRA)", model=base_model, lora_name=hybrid_lora,
+                          strength_model=1.0)
+        s_inputs = {"distilled_model": o(distilled), **s_inputs}
+    samp = g.add(s_type, None, **s_inputs)
+    if sigmas[0] == "FewstepScheduleSearch":
+        sig = g.add("FewstepScheduleSearch", "Schedule search", model=model, positive=positive, negative=o(neg),
+                    latent_image=o(latent), **sigmas[1])
+        g.add("PreviewAny", "Search report", source=o(sig, 1))
+    else:
+        sig = g.add(sigmas[0], None, model=model, **sigmas[1])
+    out = g.add("SamplerCustomAdvanced", "Sample", noise=o(noise), guider=o(guider), sampler=o(samp),
+                sigmas=o(sig, 0), latent_image=o(latent))
+    img = g.add("VAEDecode", "Decode", samples=o(out, 0), vae=vae)
+    g.add("SaveImage", "Save", images=o(img), filename_prefix=f"fewstep/{name}")
+    return g.nodes
+
+
+SD15 = {"kind": "checkpoint", "ckpt": "v1-5-pruned-emaonly-fp16.safetensors"}
+SDXL = {"kind": "checkpoint", "ckpt": "sd_xl_base_1.0.safetensors"}
+FLUX_SCHNELL = {"kind": "flux", "unet": "flux1-schnell.safetensors", "t5": "t5xxl_fp8_e4m3fn.safetensors",
+                "clip_l": "clip_l.safetensors", "vae": "ae.safetensors"}
+FLUX_DEV = {**FLUX_SCHNELL, "unet": "flux1-dev.safetensors", "guidance": 3.5}
+PROMPT = "a photo of a red fox in the snow, detailed fur, soft morning light"
+
+
+def template_workflows() -> dict[str, dict]:
+    """The same graphs for SD1.5 / SDXL / Flux users (need their checkpoints; not run in CI)."""
+    return {
+        "fewstep_sd15_lcm_lora": _text_to_image(
+            "fewstep_sd15_lcm_lora", SD15, ("FewstepSamplerLCM", {}),
+            ("FewstepTimestepSchedule", {"timesteps": "999,759,499,259", "unit": "timestep"}), 1.5, 512, PROMPT,
+            lora="lcm-lora-sdv1-5.safetensors"),
+        "fewstep_sdxl_dmd2_4step": _text_to_image(
+            "fewstep_sdxl_dmd2_4step", SDXL, ("FewstepSamplerDMD", {}),
+            ("FewstepTimestepSchedule", {"timesteps": "999,749,499,249", "unit": "timestep"}), 1.0, 1024, PROMPT,
+            lora="dmd2_sdxl_4step_lora_fp16.safetensors"),
+        "fewstep_sdxl_tcd_lora": _text_to_image(
+            "fewstep_sdxl_tcd_lora", SDXL, ("FewstepSamplerTCD", {"gamma": 0.3}),
+            ("FewstepTimestepSchedule", {"timesteps": "999,759,499,259", "unit": "timestep"}), 1.0, 1024, PROMPT,
+            lora="TCD-SDXL-LoRA.safetensors"),
+        "fewstep_sdxl_hybrid_base_to_dmd2": _text_to_image(
+            "fewstep_sdxl_hybrid_base_to_dmd2", SDXL,
+            ("FewstepSamplerHybrid", {"base_steps": 2, "base_sampler": "dpmpp_2m", "distilled_sampler": "dmd",
+                                      "distilled_cfg": 1.0}),
+            ("FewstepTimestepSchedule", {"timesteps": "999,899,749,499,249", "unit": "timestep"}), 5.0, 1024,
+            PROMPT, hybrid_lora="dmd2_sdxl_4step_lora_fp16.safetensors"),
+        "fewstep_flux_schnell_any_step": _text_to_image(
+            "fewstep_flux_schnell_any_step", FLUX_SCHNELL, ("FewstepSamplerFlowMap", {}),
+            ("BasicScheduler", {"scheduler": "simple", "steps": 4, "denoise": 1.0}), 1.0, 1024, PROMPT),
+        "fewstep_flux_dev_schedule_search": _text_to_image(
+            "fewstep_flux_dev_schedule_search", FLUX_DEV, ("FewstepSamplerTeacher", {"sampler_name": "euler"}),
+            ("FewstepScheduleSearch", {"sampler_name": "euler", "nfe": 8, "cfg": 1.0, "seed": 0, "search_batch": 2,
+                                       "grid_size": 24, "refine_rounds": 1, "reference_substeps": 4}),
+            1.0, 1024, PROMPT),
+    }
+
+
+def all_workflows() -> dict[str, dict]:
+    return {**embedded_workflows(), **template_workflows()}
+
+
+def write_api(directory: Path = API_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, graph in all_workflows().items():
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(graph, indent=2) + "\n")
+        paths.append(path)
+    return paths
+
+
+def load_api(name: str) -> dict:
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def is_embedded(graph: dict) -> bool:
+    """Runs on the embedded model alone (CPU, no download)?"""
+    return any(n["class_type"] == "FewstepDigitsModelLoader" for n in graph.values())
+
+
+def requested(graph: dict) -> tuple[int, int]:
+    """(digit, batch size) an embedded workflow asks for."""
+    digit = next(n["inputs"]["digit"] for n in graph.values() if n["class_type"] == "FewstepDigitsClassCondition")
+    batch = next(n["inputs"]["batch_size"] for n in graph.values() if n["class_type"] == "FewstepDigitsEmptyLatent")
+    return digit, batch
+
+
+# ----------------------------------------------------------------------------------------------- frontend
+
+
+def chromium_path() -> str | None:
+    import shutil
+
+    for cand in CHROMIUM_CANDIDATES:
+        if Path(cand).exists():
+            return cand
+    return shutil.which("chromium")
+
+
+WAIT_APP_JS = "() => !!(window.app && window.app.graph && window.LiteGraph && " \
+              "LiteGraph.registered_node_types['FewstepSamplerLCM'])"
+
+API_TO_UI_JS = """async ([api, name]) => {
+  await window.app.loadApiJson(api, name);
+  for (const node of window.app.graph._nodes) {
+    for (const w of node.widgets ?? []) {
+      if (w.name === 'control_after_generate') w.value = 'fixed';  // examples keep their seeds
+    }
+  }
+  return JSON.stringify(window.app.graph.serialize());  // JSON drops undefined (playwright would send null)
+}"""
+
+UI_TO_API_JS = """async (ui) => {
+  await window.app.loadGraphData(ui, true, true, 'roundtrip');
+  const p = await window.app.graphToPrompt();
+  return JSON.stringify(p.output);
+}"""
+
+
+def open_app(page: Any, url: str, timeout_ms: float = 90_000) -> None:
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    page.wait_for_function(WAIT_APP_JS, timeout=timeout_ms)
+
+
+def api_to_ui(page: Any, api: dict, name: str) -> dict:
+    return json.loads(page.evaluate(API_TO_UI_JS, [api, name]))
+
+
+def ui_to_api(page: Any, ui: dict) -> dict:
+    return json.loads(page.evaluate(UI_TO_API_JS, ui))
+
+
+def strip_meta(api: dict) -> dict:
+    """API graph without titles (``_meta``), for comparisons."""
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+def _thumbnail(images: list[Path], out: Path, cols: int = 2, size: int = 256) -> None:
+    """A square grid of a workflow's first output images as its template-browser thumbnail."""
+    from PIL import Image
+
+    tiles = [Image.open(p).convert("RGB") for p in images[: cols * cols]]
+    w, h = tiles[0].size
+    grid = Image.new("RGB", (cols * w, cols * h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * w, (i // cols) * h))
+    grid.resize((size, size), Image.NEAREST).save(out, quality=92)
+
+
+def _make_ui(url: str, thumbs: dict[str, list[Path]]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        open_app(page, url)
+        for name, graph in all_workflows().items():
+            ui = api_to_ui(page, graph, name)
+            (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+            if name in thumbs:
+                _thumbnail(thumbs[name], WORKFLOWS / f"{name}.jpg")
+        browser.close()
+
+
+def _main(argv: list[str]) -> int:
+    paths = write_api()
+    print(f"wrote {len(paths)} API workflows to {API_DIR}")
+    if "--api-only" in argv:
+        return 0
+    if "--ui-only" in argv:
+        _make_ui(argv[argv.index("--ui-only") + 1], {})
+        print(f"wrote UI workflows to {WORKFLOWS}")
+        return 0
+    import tempfile
+    import time
+    import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfyui_env
+
+    root = comfyui_env.ensure_comfyui()
+    with tempfile.TemporaryDirectory(prefix="fewstep-wf-") as tmp, \
+            comfyui_env.comfyui_server(root, custom_nodes={"fewstep": REPO_ROOT}, workdir=Path(tmp)) as url:
+        thumbs: dict[str, list[Path]] = {}
+        for name, graph in embedded_workflows().items():
+            req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            pid = json.load(urllib.request.urlopen(req))["prompt_id"]
+            while True:
+                hist = json.load(urllib.request.urlopen(f"{url}/history/{pid}"))
+                if pid in hist and hist[pid]["status"].get("completed") is not None:
+                    break
+                time.sleep(0.5)
+            images = [img for out in hist[pid]["outputs"].values() for img in out.get("images", [])]
+            if images:
+                thumbs[name] = [Path(tmp) / "output" / i["subfolder"] / i["filename"] for i in images]
+        _make_ui(url, thumbs)
+    print(f"wrote UI workflows and {len(thumbs)} thumbnails to {WORKFLOWS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
