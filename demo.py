@@ -35,7 +35,33 @@ def demo_settings(quick: bool = False, cfg: float = TEACHER_CFG) -> list[Setting
                 continue
             s.append(Setting(f"teacher {entry['sampler']} {entry['nfe']} steps, searched schedule",
                              entry["sampler"], sigmas=torch.tensor(entry["sigmas"]), cfg=entry.get("cfg", cfg)))
-    return s
+    return s + student_settings(quick=quick)
+
+
+def student_settings(quick: bool = False) -> list[Setting]:
+    """Shipped students (``fewstep train-student``) at their own sampler and sigmas, and the AGD adapter on the
+    teacher at CFG 1 (one pass per step). Missing files are simply not shown."""
+    out: list[Setting] = []
+    try:
+        from .core.models.students import load_student
+    except ImportError:  # pragma: no cover
+        return out
+    for path in sorted(WEIGHTS_DIR.glob("digits_*.safetensors")):
+        if path.name.startswith(("digits_dit_teacher", "digits_agd")):
+            continue
+        student, meta = load_student(path)
+        sig = torch.tensor(meta["sigmas"])
+        out.append(Setting(f"student {meta['method']} {len(sig) - 1} steps", meta["sampler"], sigmas=sig,
+                           denoiser=student, options=dict(meta.get("sampler_extra") or {})))
+    agd = WEIGHTS_DIR / "digits_agd_adapter.safetensors"
+    if agd.exists() and not quick:
+        from .core.guidance.adapters import AdaptedDenoiser, GuidanceAdapter
+
+        base = load_teacher()  # a separate copy: the adapter attaches to its network
+        adapter = GuidanceAdapter.load(agd, base.model)
+        out.append(Setting("teacher + AGD adapter dpmpp_2m 8 steps (1 pass/step)", "dpmpp_2m", 8,
+                           denoiser=AdaptedDenoiser(base, adapter, default_scale=TEACHER_CFG)))
+    return out
 
 
 def run_demo(out_dir: str | Path = "fewstep-report", per_class: int = 36, seed: int = 0, quick: bool = False) -> Path:
