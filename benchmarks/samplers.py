@@ -42,7 +42,7 @@ def run(n: int = 1024, dim: int = 2, seed: int = 0) -> dict:
                 continue
             sig = get_sigmas("karras", ms, steps)
             out = get_sampler(name)(den, x, sig, extra_args={"seed": seed}, disable=True)
-            rows.append({"sampler": name, "nfe": NFE[name](steps), "steps": steps,
+            rows.append({"sampler": name, "nfe_budget": nfe, "nfe": NFE[name](steps), "steps": steps,
                          "ode_rms_error": float(((out - ref) ** 2).mean().sqrt()),
                          "sliced_wasserstein": sliced_wasserstein(out, data)})
     search_rows = []
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(title)
         print(f"{'sampler':16s} " + " ".join(f"NFE{n:>3d}" for n in NFES))
         for name in SAMPLERS:
-            r = {x["nfe"]: x[key] for x in result["rows"] if x["sampler"] == name}
+            r = {x["nfe_budget"]: x[key] for x in result["rows"] if x["sampler"] == name}
             print(f"{name:16s} " + " ".join(f"{r[n]:6.3f}" if n in r else "     -" for n in NFES))
     for r in result["schedule_search"]:
         print(f"search {r['sampler']:9s} NFE {r['nfe']}: searched {r['searched_error']:.4f}  karras "
