@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from fewstep.core.cache import (
     CalibrationError,
     DeltaDiTCache,
@@ -240,6 +241,7 @@ def pareto(rows: list[dict], quality: str = "fd") -> list[str]:
 # ------------------------------------------------------------------------------------------------ large stacks
 def _dit_xl(depth: int):
     from diffusers import DiTTransformer2DModel
+
     from fewstep.core.models.diffusers_adapters import diffusers_denoiser
 
     torch.manual_seed(0)
@@ -251,6 +253,7 @@ def _dit_xl(depth: int):
 
 def _flux(single: int):
     from diffusers import FluxTransformer2DModel
+
     from fewstep.core.models.diffusers_adapters import diffusers_denoiser
 
     torch.manual_seed(0)

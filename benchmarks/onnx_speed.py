@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fewstep.core.guidance import CFGDenoiser
 from fewstep.core.models.embedded import build_dit, dit_denoiser, load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
@@ -150,6 +151,7 @@ def _gpu_case(den: Any, path16: Path, batch: int, steps: int, repeats: int, cfg:
 def run(batch: int = 10, steps: int = 8, repeats: int = 20, threads: int | None = None, cfg: float = 2.0,
         gpu: bool = True) -> dict[str, Any]:
     import onnxruntime as ort
+
     from fewstep.core.export.exporter import export_onnx
     from fewstep.core.export.fp16 import convert_file_to_fp16
     from fewstep.core.export.runtime import OnnxDenoiser

@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+
 from fewstep.core.metrics.sliced import sliced_wasserstein
 from fewstep.core.models import DiscreteVP, GaussianMixtureDenoiser, toy_mixture
 from fewstep.core.sampling import NFE, fine_solution, get_sampler, get_sigmas, search_schedule

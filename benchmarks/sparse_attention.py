@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from fewstep.kernels import BlockSparseMask, dense_masked_attention
 from fewstep.kernels.flex import flex_block_sparse_attention
 from fewstep.kernels.triton_block_sparse import triton_block_sparse_attention, triton_unsupported_reason

@@ -65,8 +65,9 @@ def bare_steps(module, steps: int) -> list[float]:
 def lightning_steps(module, steps: int, device: str) -> list[float]:
     """``steps`` DMD2 steps through a stock ``lightning.Trainer``; ``(wall, process CPU)`` seconds per step."""
     import lightning as L
-    from fewstep.callbacks import dmd2_optimizer_steps
     from lightning.pytorch.callbacks import Callback
+
+    from fewstep.callbacks import dmd2_optimizer_steps
 
     class SyncTimer(Callback):
         def __init__(self) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from fewstep.core.cache import (
     Calibration,
     CalibrationError,

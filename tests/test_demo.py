@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from fewstep.core.evaluate import CountingDenoiser, Setting, balanced_labels, generate, run_settings
 from fewstep.core.models.embedded import TEACHER_FILE, WEIGHTS_DIR, class_labels, load_teacher
 

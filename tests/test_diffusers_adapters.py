@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fewstep.core.models import DiscreteVP, FlowMatching
 from fewstep.core.models.diffusers_adapters import diffusers_denoiser
 from fewstep.core.sampling import get_sampler, get_sigmas

@@ -208,8 +208,9 @@ def test_cfg_folded_graph(files, teacher):
 
 
 def test_cli_run_onnx_on_teacher(files, tmp_path, capsys):
-    from fewstep.cli import main
     from PIL import Image
+
+    from fewstep.cli import main
 
     png = tmp_path / "grid.png"
     assert main(["run-onnx", str(files["dir"] / "teacher_cfg.onnx"), "--class", "3", "--steps", "4", "--schedule",

@@ -20,12 +20,13 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from onnx import TensorProto, helper  # noqa: E402
+
 from fewstep.core.export import metadata as md  # noqa: E402
 from fewstep.core.export import np_sampling as nps  # noqa: E402
 from fewstep.core.export.runtime import OnnxDenoiser, OnnxInputError, OnnxModelError, generate  # noqa: E402
 from fewstep.core.models import EDM, Denoiser, DiscreteVP, FlowMatching, GaussianMixtureDenoiser, toy_mixture  # noqa: E402
 from fewstep.core.sampling import get_sampler, get_sigmas, timestep_list  # noqa: E402
-from onnx import TensorProto, helper  # noqa: E402
 
 SAMPLINGS = {
     "vp-eps": lambda: DiscreteVP("eps", "scaled_linear"),

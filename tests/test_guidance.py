@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from fewstep.core.guidance import CFGDenoiser, cfg_combine, from_lcm_omega, from_paper_cfg, to_lcm_omega
 from fewstep.core.models import EDM
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from fewstep.kernels import (
     BlockSparseMask,
     block_sparse_attention,

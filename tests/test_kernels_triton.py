@@ -136,6 +136,7 @@ def test_dispatch_picks_triton_on_cuda():
 
 def _main() -> None:  # run by interpreter_results with TRITON_INTERPRET=1
     import triton  # noqa: F401  (imported first, in interpreter mode)
+
     from fewstep.kernels import BlockSparseMask, select_backend
 
     torch.manual_seed(0)

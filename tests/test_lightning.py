@@ -180,8 +180,9 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(work, tmp_pat
 
 
 def test_sample_grid_and_quality_eval(work, tmp_path):
-    from fewstep.callbacks import QualityEval, SampleGrid
     from lightning.pytorch.loggers import CSVLogger
+
+    from fewstep.callbacks import QualityEval, SampleGrid
 
     teacher = tiny.tiny_teacher(sample_size=16)
     from fewstep.callbacks import ReflowDistillation

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fewstep.core.guidance.cfg import CFGDenoiser
 from fewstep.core.guidance.scaled import guided_denoise
 from fewstep.core.losses import (

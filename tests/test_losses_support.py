@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from fewstep.core.distill import (
     check_guidance_range,
     check_null_condition,
@@ -22,7 +24,6 @@ from fewstep.core.guidance.cfg import to_lcm_omega
 from fewstep.core.models.embedded import TEACHER_CONFIG, build_dit, dit_denoiser
 from fewstep.core.models.lora_format import comfy_lora_state_dict, dare, dare_lora, merge_lora
 from fewstep.core.trajectories import generate_trajectories, load_trajectories
-from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 TINY = dict(TEACHER_CONFIG, num_layers=1, num_attention_heads=2, attention_head_dim=8, sample_size=8)

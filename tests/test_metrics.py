@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from fewstep.core.metrics.classifier import CONFIG_PATH, WEIGHTS_PATH, DigitsClassifier, load_classifier
 from fewstep.core.metrics.quality import (
     class_accuracy,

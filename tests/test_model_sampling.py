@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from fewstep.core.models import EDM, DiscreteVP, FlowMatching, model_sampling_from_config
 
 ALL = [

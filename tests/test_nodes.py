@@ -23,6 +23,7 @@ def cn(comfy_root):
     """ComfyUI modules the tests drive, plus fewstep's node modules (importable once comfy is on sys.path)."""
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom_sampler
+
     from fewstep.nodes import embedded, embedded_model, samplers, schedules
 
     return type("Comfy", (), dict(samplers=comfy.samplers, cs=custom_sampler, E=embedded, EM=embedded_model,
@@ -80,6 +81,7 @@ def test_import_fewstep_does_not_import_comfy():
 
 def test_every_node_is_registered_with_schema(cn):
     from comfy_api.latest import ComfyExtension, io
+
     from fewstep import comfy_entrypoint
     from fewstep.nodes import FAMILIES, NODE_PREFIX, load_nodes
 
@@ -127,6 +129,7 @@ def test_a_broken_family_is_skipped_not_fatal(cn, caplog):
 def test_comfy_model_sampling_matches_fewstep(cn, config):
     """DDPM 'linear' betas are ComfyUI's 'sqrt_linear' (ComfyUI's 'linear' is SD's scaled_linear)."""
     import comfy.model_base
+
     from fewstep.core.models import DiscreteVP
     from fewstep.core.models.embedded import TEACHER_CONFIG
 

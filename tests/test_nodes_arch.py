@@ -45,6 +45,7 @@ def env(comfy_root):
     import comfy.patcher_extension
     import comfy.sample
     import comfy_extras.nodes_custom_sampler as cs
+
     from fewstep.nodes import embedded_model, samplers, schedules
 
     tiny = _helper("comfy_tiny_models")

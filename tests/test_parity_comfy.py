@@ -7,6 +7,7 @@ model unchanged.
 
 import pytest
 import torch
+
 from fewstep.core.models import DiscreteVP
 from fewstep.core.sampling import get_sampler, get_sigmas
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fewstep.core.models import Denoiser, DiscreteVP
 from fewstep.core.models.consistency import ConsistencyBoundary
 from fewstep.core.sampling import sample_dpmpp_2m, sample_lcm, sample_tcd, sample_unipc

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from fewstep.core.metrics.sliced import sliced_wasserstein
 from fewstep.core.models import EDM, Denoiser, DiscreteVP, FlowMatching, GaussianMixtureDenoiser, toy_mixture
 from fewstep.core.sampling import (

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from fewstep.core.models import DiscreteVP, GaussianMixtureDenoiser, toy_mixture
 from fewstep.core.sampling import fine_solution, get_sampler, get_sigmas, search_schedule
 
