@@ -50,10 +50,10 @@ def _search_schedule(args: argparse.Namespace) -> int:
 
 def _train_student(args: argparse.Namespace) -> int:
     try:
-        from .callbacks.train_students import run_from_args
+        from .callbacks.train_students import main as train_main
     except ImportError as e:
         raise ImportError(f"training needs the train extra: pip install 'fewstep[train]' ({e})") from e
-    return int(run_from_args(args) or 0)
+    return int(train_main(args.rest) or 0)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -195,14 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.set_defaults(fn=_search_schedule)
 
-    ts = sub.add_parser("train-student", help="distil a shipped student of the embedded teacher (Lightning)")
+    ts = sub.add_parser("train-student", add_help=False,
+                        help="distil a shipped student of the embedded teacher (Lightning; --help for options)")
+    ts.add_argument("rest", nargs=argparse.REMAINDER)  # parsed by callbacks.train_students: no lightning import here
     ts.set_defaults(fn=_train_student)
-    try:
-        from .callbacks.train_students import add_arguments
-
-        add_arguments(ts)
-    except ImportError:  # lightning not installed: the subcommand explains itself when used
-        ts.add_argument("rest", nargs=argparse.REMAINDER)
 
     b = sub.add_parser("bench", help="run a benchmark (JSON in benchmarks/results/)")
     b.add_argument("what", choices=["quality", "samplers", "onnx"])
@@ -247,7 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-student"]:  # its parser lives with the Lightning code (imported only when used)
+        ns = argparse.Namespace(cmd="train-student", rest=argv[1:], fn=_train_student)
+        return _run(ns)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args) or 0)
     except (FileNotFoundError, ValueError, ImportError) as e:
