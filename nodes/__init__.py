@@ -8,10 +8,14 @@ family module             nodes
 ========================  ==========================================================================
 ``samplers``              SAMPLER outputs wrapping ``core.sampling`` samplers (LCM, TCD, DMD, ...)
 ``schedules``             SIGMAS outputs: distilled timestep lists, per-model step-schedule search
+``caches``                step / block / forecast caches from ``core.cache`` as model patches, calibration
+``attention``             block-sparse attention from ``core.attention`` through ``optimized_attention_override``
+``guidance``              guidance adapters (one pass instead of CFG's two) loaded onto a MODEL
+``onnx``                  ONNX export of a MODEL and an ONNX file loaded as a MODEL (``core.export``)
 ``embedded``              the shipped digits DiT as a MODEL, its class conditioning, latent <-> image
 ========================  ==========================================================================
 
-To add a family (caches, sparse attention, guidance adapters, ONNX), write ``nodes/<family>.py`` with a ``NODES``
+To add a family, write ``nodes/<family>.py`` with a ``NODES``
 list and append its name to ``FAMILIES``. A family whose import fails (e.g. an optional dependency is missing) is
 logged and skipped, so the other families still load.
 
@@ -28,7 +32,7 @@ from typing import Any
 __all__ = ["FAMILIES", "comfy_entrypoint", "load_nodes"]
 
 #: node families, in the order they appear in the node library
-FAMILIES: tuple[str, ...] = ("samplers", "schedules", "embedded")
+FAMILIES: tuple[str, ...] = ("samplers", "schedules", "caches", "attention", "guidance", "onnx", "embedded")
 
 #: every fewstep node id starts with this (ComfyUI node ids are global)
 NODE_PREFIX = "Fewstep"

@@ -1,35 +1,35 @@
 """Shared pytest fixtures.
 
+Test helper modules (``comfyui_env``, ``workflow_tools``, ``comfy_tiny_models``, ``distill_tiny``) are plain
+modules next to the tests: this folder is put on ``sys.path`` so tests ``import`` them by name in any import mode.
+
+``one_thread``: torch on one thread for the module (tiny models are faster and far steadier that way on a shared
+CPU); use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
 ComfyUI fixtures (see tests/comfyui_env.py): ``comfy_root`` installs (once, cached in
 ``<repo>/.comfyui``) or reuses (``$FEWSTEP_COMFYUI_ROOT``) a real ComfyUI 0.3.75 tree and imports its
-sampling stack; ``comfy_ksampling`` is ComfyUI's ``comfy.k_diffusion.sampling`` module. Any test that
+sampling stack; ``comfy_ksampling`` is ComfyUI's ``comfy.k_diffusion.sampling`` module; ``comfy_server`` is one
+real ComfyUI server (``main.py --cpu``) with fewstep in its custom nodes, shared by every server test file and
+yielding ``(url, workdir)``. Any test that
 uses them is marked ``comfy`` automatically, so ``-m "not comfy"`` deselects them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
 
-def _load_comfyui_env():
-    """tests/comfyui_env.py as module ``comfyui_env``, whatever pytest's import mode."""
-    if "comfyui_env" in sys.modules:
-        return sys.modules["comfyui_env"]
-    path = Path(__file__).with_name("comfyui_env.py")
-    spec = importlib.util.spec_from_file_location("comfyui_env", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_env"] = module
-    spec.loader.exec_module(module)
-    return module
+import comfyui_env  # noqa: E402
 
-
-comfyui_env = _load_comfyui_env()
-
-COMFY_FIXTURES = {"comfy_root", "comfy_ksampling"}
+COMFY_FIXTURES = {"comfy_root", "comfy_ksampling", "comfy_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,3 +53,20 @@ def comfy_root() -> Path:
 def comfy_ksampling(comfy_root):
     """ComfyUI's ``comfy.k_diffusion.sampling`` module (from the ``comfy_root`` tree)."""
     return sys.modules["comfy.k_diffusion.sampling"]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_root, tmp_path_factory):
+    """One real ComfyUI server with fewstep in ``custom_nodes``: yields ``(url, workdir)``."""
+    workdir = tmp_path_factory.mktemp("comfyui-server")
+    with comfyui_env.comfyui_server(comfy_root, custom_nodes={"fewstep": REPO_ROOT}, workdir=workdir) as url:
+        yield url, workdir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,13 +30,7 @@ from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 diffusers = pytest.importorskip("diffusers")
 from fewstep.core.models.diffusers_adapters import diffusers_denoiser  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dit(layers=3, ms=None, seed=0):

@@ -11,11 +11,9 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import comfyui_env  # noqa: E402
 import pytest
 import torch
-
-comfyui_env = sys.modules["comfyui_env"]  # loaded by conftest.py
-
 
 # ----------------------------------------------------------------------------- no ComfyUI needed
 

@@ -31,13 +31,7 @@ from fewstep.core.sampling import get_sampler, get_sigmas, timestep_list  # noqa
 DMD_TIMESTEPS = [999, 749, 499, 249]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Exports are single-threaded work anyway; keep the shared CI box quiet and restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b) -> float:

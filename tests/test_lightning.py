@@ -1,9 +1,6 @@
 """Lightning distillation modules and callbacks on tiny random DiTs, on CPU with a stock lightning.Trainer."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +14,9 @@ from safetensors.torch import load_file  # noqa: E402
 torch.set_num_threads(1)
 
 
-def _load_helpers():
-    if "distill_tiny" in sys.modules:
-        return sys.modules["distill_tiny"]
-    spec = importlib.util.spec_from_file_location("distill_tiny", Path(__file__).with_name("distill_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["distill_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-tiny = _load_helpers()
+import distill_tiny as tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

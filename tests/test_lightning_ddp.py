@@ -1,6 +1,5 @@
 """DDP with 2 CPU processes (gloo) gives the weights of one process at the same global batch, for every method."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,19 +14,12 @@ pytest.importorskip("peft")
 HERE = Path(__file__).resolve().parent
 
 
-def _helpers():
-    if "distill_tiny" in sys.modules:
-        return sys.modules["distill_tiny"]
-    spec = importlib.util.spec_from_file_location("distill_tiny", HERE / "distill_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["distill_tiny"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(tmp_path):
-    tiny = _helpers()
+    import distill_tiny as tiny
+
     torch.set_num_threads(1)
     teacher = tiny.tiny_teacher()
     tiny.trajectories(tmp_path, teacher, 2.0)  # made once here, read by both ranks

@@ -4,10 +4,7 @@ architectures (SD1.5 UNet, SDXL UNet, Flux, SD3 MMDiT, Wan 2.1), through ComfyUI
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +12,6 @@ import torch
 pytestmark = pytest.mark.comfy
 
 
-def _helper(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 ARCHS = ("sd15", "sdxl", "flux", "sd3", "wan21")
@@ -45,10 +35,9 @@ def env(comfy_root):
     import comfy.patcher_extension
     import comfy.sample
     import comfy_extras.nodes_custom_sampler as cs
+    import comfy_tiny_models as tiny
 
     from fewstep.nodes import embedded_model, samplers, schedules
-
-    tiny = _helper("comfy_tiny_models")
     models = {arch: tiny.tiny_model(arch) for arch in ARCHS}
     return type("Env", (), dict(cs=cs, S=samplers, Sch=schedules, EM=embedded_model, tiny=tiny, models=models,
                                 px=comfy.patcher_extension, sample=comfy.sample))

@@ -10,10 +10,8 @@ Screenshots go to ``tests/artifacts/`` (git-ignored).
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -25,31 +23,31 @@ import torch
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
-comfyui_env = sys.modules["comfyui_env"]  # loaded by conftest.py
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TEACHER = REPO_ROOT / "core" / "models" / "weights" / "digits_dit_teacher.safetensors"
 RANDOM_INIT = "digits_dit_random_init"
 MIN_ACCURACY = 0.75
 
-FEWSTEP_NODES = {
+SAMPLER_NODES = {
     "FewstepSamplerLCM", "FewstepSamplerTCD", "FewstepSamplerDMD", "FewstepSamplerFlowMap", "FewstepSamplerOneStep",
     "FewstepSamplerHybrid", "FewstepSamplerTeacher", "FewstepTimestepSchedule", "FewstepScheduleSearch",
+}
+EMBEDDED_NODES = {
     "FewstepDigitsModelLoader", "FewstepDigitsClassCondition", "FewstepDigitsEmptyLatent",
     "FewstepDigitsLatentToImage",
 }
+CACHE_NODES: set[str] = set()
+ATTENTION_NODES: set[str] = set()
+GUIDANCE_NODES: set[str] = set()
+ONNX_NODES: set[str] = set()
+FEWSTEP_NODES = SAMPLER_NODES | EMBEDDED_NODES | CACHE_NODES | ATTENTION_NODES | GUIDANCE_NODES | ONNX_NODES
 
 
-def _helper(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-wt = _helper("workflow_tools")
+import workflow_tools as wt  # noqa: E402
+
 EMBEDDED = sorted(name for name, graph in wt.embedded_workflows().items())
 
 
@@ -126,10 +124,8 @@ def _graph(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(comfy_root, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("comfyui-server")
-    with comfyui_env.comfyui_server(comfy_root, custom_nodes={"fewstep": REPO_ROOT}, workdir=workdir) as url:
-        yield url, workdir
+def server(comfy_server):
+    return comfy_server
 
 
 def test_object_info_lists_every_fewstep_node(server):

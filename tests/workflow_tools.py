@@ -50,9 +50,15 @@ TEACHER = "digits_dit_teacher"
 
 
 def _digits(name: str, digit: int, seed: int, sampler: tuple[str, dict], sigmas: tuple[str, dict] | None,
-            cfg: float = 2.0, batch: int = 8, second_model: bool = False) -> dict:
+            cfg: float = 2.0, batch: int = 8, second_model: bool = False,
+            patches: list[tuple[str, str, dict]] = (), model_name: str = TEACHER) -> dict:
+    """A digits graph: loader -> ``patches`` (each ``(class_type, title, inputs)``, a node taking ``model`` and
+    giving a MODEL first) -> CFGGuider -> SamplerCustomAdvanced -> image."""
     g, o = Graph(), Graph.out
-    model = g.add("FewstepDigitsModelLoader", "Digits model (teacher)", model_name=TEACHER)
+    model = g.add("FewstepDigitsModelLoader", f"Digits model ({model_name.removeprefix('digits_dit_')})",
+                  model_name=model_name)
+    for class_type, title, inputs in patches:
+        model = g.add(class_type, title, model=o(model), **inputs)
     cond = g.add("FewstepDigitsClassCondition", f"Digit {digit}", digit=digit)
     latent = g.add("FewstepDigitsEmptyLatent", "Empty digits latent", batch_size=batch)
     guider = g.add("CFGGuider", "CFG guider", model=o(model), positive=o(cond, 0), negative=o(cond, 1), cfg=cfg)
@@ -83,6 +89,32 @@ KARRAS_8 = ("BasicScheduler", {"scheduler": "karras", "steps": 8, "denoise": 1.0
 
 def embedded_workflows() -> dict[str, dict]:
     """Workflows on the embedded digits model: one per node family, all run on a CPU with no download."""
+    return {**sampler_workflows(), **cache_workflows(), **attention_workflows(), **guidance_workflows(),
+            **onnx_workflows()}
+
+
+def cache_workflows() -> dict[str, dict]:
+    """Cache nodes (nodes/caches.py) on the embedded model."""
+    return {}
+
+
+def attention_workflows() -> dict[str, dict]:
+    """Sparse-attention node (nodes/attention.py) on the embedded model."""
+    return {}
+
+
+def guidance_workflows() -> dict[str, dict]:
+    """Guidance-adapter node (nodes/guidance.py) on the embedded model."""
+    return {}
+
+
+def onnx_workflows() -> dict[str, dict]:
+    """ONNX export / loader nodes (nodes/onnx.py) on the embedded model."""
+    return {}
+
+
+def sampler_workflows() -> dict[str, dict]:
+    """Sampler and schedule nodes on the embedded model."""
     return {
         "fewstep_digits_lcm": _digits("fewstep_digits_lcm", 3, 1, ("FewstepSamplerLCM", {}), FOUR_STEPS),
         "fewstep_digits_tcd": _digits("fewstep_digits_tcd", 7, 2, ("FewstepSamplerTCD", {"gamma": 0.3}), FOUR_STEPS),
