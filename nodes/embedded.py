@@ -27,8 +27,9 @@ class FewstepDigitsModelLoader(io.ComfyNode):
                         "DDPM linear betas) as a MODEL. Runs on a CPU in milliseconds per step; no download.",
             inputs=[
                 io.Combo.Input("model_name", options=available_models(), default=TEACHER_NAME,
-                               tooltip=f"'{TEACHER_NAME}': the shipped teacher; other digits_dit_* entries: shipped "
-                                       f"distilled students; '{RANDOM_NAME}': untrained weights (for tests)."),
+                               tooltip=f"'{TEACHER_NAME}': the shipped teacher; digits_<method>_<n>step: shipped "
+                                       f"distilled students (sample them at cfg 1 with the steps in their name); "
+                                       f"'{RANDOM_NAME}': untrained weights (for tests)."),
             ],
             outputs=[io.Model.Output(tooltip="Use with 'fewstep digit class' conditioning and 'fewstep empty digits "
                                              "latent'.")],

@@ -161,11 +161,25 @@ class DigitsDiT(nn.Module):
         return dit.head(h, t, labels, x)
 
 
+def _is_dit_weights(path: Path) -> bool:
+    """A full digits DiT (teacher or distilled student), not an adapter: its JSON sidecar names the architecture."""
+    import json
+
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    return str(meta.get("architecture", "")).endswith("DiTTransformer2DModel") and bool(meta.get("config"))
+
+
 def available_models() -> list[str]:
-    """Names the loader offers: the shipped teacher, any other shipped ``digits_dit_*`` weights, a random init."""
+    """Names the loader offers: the shipped teacher, the shipped distilled students (``digits_<method>_<n>step``,
+    full DiT weights with a JSON sidecar), a random init."""
     names = [TEACHER_NAME]
     if WEIGHTS_DIR.is_dir():
-        names += sorted(p.stem for p in WEIGHTS_DIR.glob("digits_dit_*.safetensors") if p.stem != TEACHER_NAME)
+        names += sorted(p.stem for p in WEIGHTS_DIR.glob("digits_*.safetensors")
+                        if p.stem != TEACHER_NAME and _is_dit_weights(p))
     return [*names, RANDOM_NAME]
 
 

@@ -277,6 +277,39 @@ def test_sampling_through_comfyui_equals_the_core_sampler(cn, digits, name):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("student", ["digits_consistency_4step", "digits_dmd2_1step"])
+def test_shipped_student_in_comfyui_equals_the_core_student(cn, student):
+    """The loader offers the shipped students; sampled at cfg 1 over the timesteps they were distilled for (the
+    student's own sampler from its metadata), ComfyUI gives what ``core.models.load_student`` gives. ComfyUI's
+    ``ModelSamplingDiscrete`` rounds timesteps to integers (the consistency student's 749.25 -> 749), so the core
+    reference rounds too; unrounded, the samples differ by at most a few hundredths."""
+    from fewstep.core.models.students import load_student
+    from fewstep.core.sampling import get_sampler
+
+    path = cn.EM.WEIGHTS_DIR / f"{student}.safetensors"
+    if not path.exists():
+        pytest.skip(f"{student} not trained")
+    assert student in cn.EM.available_models() and "digits_agd_adapter" not in cn.EM.available_models()
+    core, meta = load_student(path)
+    core.model_sampling.quantize = True
+    model = cn.E.FewstepDigitsModelLoader.execute(student)[0]
+    pos, neg = cn.E.FewstepDigitsClassCondition.execute(4)
+    sigmas = torch.tensor(meta["sigmas"], dtype=torch.float32)
+    node = {"euler": ("FewstepSamplerTeacher", ("euler",)), "onestep": ("FewstepSamplerOneStep", ())}
+    node_id, args = node[meta["sampler"]]
+    seed, batch = 3, 4
+    got = _sample(cn, model, pos, neg, getattr(cn.S, node_id).execute(*args)[0], sigmas, batch=batch, seed=seed,
+                  cfg=1.0)
+    noise = torch.randn(batch, 1, 16, 16, generator=torch.manual_seed(seed))
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    extra = {"class_labels": torch.full((batch,), 4)}
+    ref = get_sampler(meta["sampler"])(core, x, sigmas, extra_args=extra, disable=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    core.model_sampling.quantize = False
+    unrounded = get_sampler(meta["sampler"])(core, x, sigmas, extra_args=extra, disable=True)
+    assert (got - unrounded).abs().max() < 0.05
+
+
 def test_sampler_handles_a_single_sigma(cn, digits):
     model, pos, neg = digits
     sampler = cn.S.FewstepSamplerLCM.execute()[0]

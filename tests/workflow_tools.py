@@ -50,13 +50,13 @@ TEACHER = "digits_dit_teacher"
 
 
 def _digits(name: str, digit: int, seed: int, sampler: tuple[str, dict], sigmas: tuple[str, dict] | None,
-            cfg: float = 2.0, batch: int = 8, second_model: bool = False,
+            cfg: float = 2.0, batch: int = 8, second_model: str | None = None,
             patches: list[tuple[str, str, dict]] = (), model_name: str = TEACHER) -> dict:
     """A digits graph: loader -> ``patches`` (each ``(class_type, title, inputs)``, a node taking ``model`` and
     giving a MODEL first) -> CFGGuider -> SamplerCustomAdvanced -> image."""
     g, o = Graph(), Graph.out
-    model = g.add("FewstepDigitsModelLoader", f"Digits model ({model_name.removeprefix('digits_dit_')})",
-                  model_name=model_name)
+    short = model_name.removeprefix("digits_").removeprefix("dit_")
+    model = g.add("FewstepDigitsModelLoader", f"Digits model ({short})", model_name=model_name)
     for class_type, title, inputs in patches:
         model = g.add(class_type, title, model=o(model), **inputs)
     cond = g.add("FewstepDigitsClassCondition", f"Digit {digit}", digit=digit)
@@ -65,8 +65,8 @@ def _digits(name: str, digit: int, seed: int, sampler: tuple[str, dict], sigmas:
     noise = g.add("RandomNoise", "Noise", noise_seed=seed)
     s_type, s_inputs = sampler
     if second_model:
-        distilled = g.add("FewstepDigitsModelLoader", "Distilled model (teacher until a student ships)",
-                          model_name=TEACHER)
+        distilled = g.add("FewstepDigitsModelLoader", f"Distilled model ({second_model.removeprefix('digits_')})",
+                          model_name=second_model)
         s_inputs = {"distilled_model": o(distilled), **s_inputs}
     samp = g.add(s_type, None, **s_inputs)
     if sigmas is None:  # schedule search
@@ -84,6 +84,10 @@ def _digits(name: str, digit: int, seed: int, sampler: tuple[str, dict], sigmas:
 
 
 FOUR_STEPS = ("FewstepTimestepSchedule", {"timesteps": "999,749,499,249", "unit": "timestep"})
+#: the shipped students (``core/models/weights/digits_dit_*.json``) and the timesteps they were distilled for
+CONSISTENCY_4 = "digits_consistency_4step"
+CONSISTENCY_4_STEPS = "999,749.25,499.5,249.75"
+DMD2_1 = "digits_dmd2_1step"
 KARRAS_8 = ("BasicScheduler", {"scheduler": "karras", "steps": 8, "denoise": 1.0})
 
 
@@ -124,10 +128,19 @@ def sampler_workflows() -> dict[str, dict]:
                                           ("FewstepTimestepSchedule", {"timesteps": "999", "unit": "timestep"})),
         "fewstep_digits_hybrid": _digits(
             "fewstep_digits_hybrid", 8, 6,
-            ("FewstepSamplerHybrid", {"base_steps": 2, "base_sampler": "euler", "distilled_sampler": "lcm",
-                                      "distilled_cfg": 2.0}),
-            ("FewstepTimestepSchedule", {"timesteps": "999,874,749,499,249", "unit": "timestep"}),
-            second_model=True),
+            ("FewstepSamplerHybrid", {"base_steps": 2, "base_sampler": "euler", "distilled_sampler": "flow_map",
+                                      "distilled_cfg": 1.0}),
+            ("FewstepTimestepSchedule", {"timesteps": f"999,874,{CONSISTENCY_4_STEPS.split(',', 1)[1]}",
+                                         "unit": "timestep"}),
+            second_model=CONSISTENCY_4),
+        # the shipped students alone: guidance is distilled in, so cfg 1 (one model pass per step)
+        "fewstep_digits_student_consistency_4step": _digits(
+            "fewstep_digits_student_consistency_4step", 4, 9, ("FewstepSamplerFlowMap", {}),
+            ("FewstepTimestepSchedule", {"timesteps": CONSISTENCY_4_STEPS, "unit": "timestep"}), cfg=1.0,
+            model_name=CONSISTENCY_4),
+        "fewstep_digits_student_dmd2_1step": _digits(
+            "fewstep_digits_student_dmd2_1step", 9, 10, ("FewstepSamplerOneStep", {}),
+            ("FewstepTimestepSchedule", {"timesteps": "999", "unit": "timestep"}), cfg=1.0, model_name=DMD2_1),
         "fewstep_digits_teacher_uni_pc": _digits("fewstep_digits_teacher_uni_pc", 2, 7,
                                                  ("FewstepSamplerTeacher", {"sampler_name": "uni_pc"}), KARRAS_8),
         "fewstep_digits_schedule_search": _digits("fewstep_digits_schedule_search", 6, 8,
