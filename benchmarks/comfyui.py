@@ -96,10 +96,15 @@ def counted(cm: Any, model: Any, calls: list[int]) -> Any:
     return m
 
 
-def generate(cm: Any, run: Run, per_class: int, seed: int) -> tuple[Tensor, Tensor, float, float]:
-    """``(images, labels, seconds, nfe per sample)``: ``per_class`` samples of every digit, one prompt per digit."""
+def generate(cm: Any, run: Run, per_class: int, seed: int) -> tuple[Tensor, Tensor, float, float, float]:
+    """``(images, labels, seconds, model calls per sample, NFE per sample)``: ``per_class`` samples of every digit,
+    one prompt per digit. NFE counts the transformer blocks that actually ran (forward hooks on the DiT's blocks),
+    in units of whole networks: a cache that skips a call or some blocks lowers it, the model-call count does not."""
     calls: list[int] = []
     model = counted(cm, run.model, calls)
+    blocks = list(run.model.model.diffusion_model.dit.transformer_blocks)
+    ran: list[int] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: ran.append(int(args[0].shape[0]))) for b in blocks]
     images, labels = [], []
     t0 = time.perf_counter()
     for digit in range(NUM_CLASSES):
@@ -111,7 +116,10 @@ def generate(cm: Any, run: Run, per_class: int, seed: int) -> tuple[Tensor, Tens
         images.append(out.float().clamp(-1, 1))
         labels.append(torch.full((per_class,), digit))
     seconds = time.perf_counter() - t0
-    return torch.cat(images), torch.cat(labels), seconds, sum(calls) / (per_class * NUM_CLASSES)
+    for h in hooks:
+        h.remove()
+    n = per_class * NUM_CLASSES
+    return torch.cat(images), torch.cat(labels), seconds, sum(calls) / n, sum(ran) / (len(blocks) * n)
 
 
 def comfy_sampler(cm: Any, name: str) -> Any:
@@ -163,27 +171,57 @@ def sampler_runs(cm: Any, teacher: Any) -> list[Run]:
 
 
 #: thresholds swept per cache (ComfyUI's EasyCache default is 0.2)
-EASYCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8, 1.5)
 
 
 def cache_runs(cm: Any, teacher: Any, patches: dict[str, Callable[[Any, float], Any]] | None = None,
-               thresholds: dict[str, tuple[float, ...]] | None = None) -> list[Run]:
+               thresholds: dict[str, tuple[float, ...]] | None = None, calibration_dir: Path | None = None
+               ) -> list[Run]:
     """The 50-step teacher run with ComfyUI's EasyCache and with every fewstep cache in ``patches``."""
     sampler, sigmas = comfy_sampler(cm, "dpmpp_2m"), karras(cm, teacher, 50)
     patches = {"comfyui EasyCache": lambda m, th: cm.easycache.EasyCacheNode.execute(m, th, 0.15, 0.95, False)[0],
-               **(patches or fewstep_cache_patches(cm))}
+               **(fewstep_cache_patches(cm, calibration_dir) if patches is None else patches)}
     sweeps = {"comfyui EasyCache": EASYCACHE_THRESHOLDS, **FEWSTEP_THRESHOLDS, **(thresholds or {})}
     return [Run(f"{family} {th:g}", family, patch(teacher, th), sampler, sigmas, TEACHER_CFG, {"threshold": th})
             for family, patch in patches.items() for th in sweeps[family]]
 
 
-#: fewstep cache families (filled by ``fewstep_cache_patches``) and their threshold sweeps
-FEWSTEP_THRESHOLDS: dict[str, tuple[float, ...]] = {}
+#: fewstep cache families and their threshold sweeps (EasyCache is the same indicator as ComfyUI's node)
+FEWSTEP_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    "fewstep step cache easycache": (0.05, 0.1, 0.2, 0.3),
+    "fewstep step cache teacache": (0.1, 0.2, 0.3, 0.5),
+    "fewstep block cache first_block": (0.1, 0.2, 0.3),
+}
 
 
-def fewstep_cache_patches(cm: Any) -> dict[str, Callable[[Any, float], Any]]:
-    """fewstep's cache nodes as ``(model, threshold) -> patched model``; empty without the cache node family."""
-    return {}
+def fewstep_cache_patches(cm: Any, calibration_dir: Path | None = None) -> dict[str, Callable[[Any, float], Any]]:
+    """fewstep's cache nodes as ``(model, threshold) -> patched model`` (node defaults otherwise). TeaCache needs a
+    calibration: ``FewstepCacheCalibrate``'s code runs first on the teacher (2 runs of 50 dpmpp_2m steps on one
+    digit) and its file is passed explicitly. Empty without the cache node family."""
+    if cm.C is None:
+        return {}
+    step, block = cm.C.FewstepStepCache.execute, cm.C.FewstepBlockCache.execute
+
+    def calibration(model: Any) -> str:
+        pos, neg = cm.E.FewstepDigitsClassCondition.execute(3)
+        latent = cm.E.FewstepDigitsEmptyLatent.execute(8)[0]
+        path, _ = cm.C.calibrate_model(model, pos, neg, latent, sampler_name="dpmpp_2m", scheduler="karras",
+                                       steps=50, cfg=TEACHER_CFG, seed=0, runs=2, directory=calibration_dir)
+        return str(path)
+
+    cal: dict[str, str] = {}
+
+    def teacache(model: Any, th: float) -> Any:
+        if "path" not in cal:
+            cal["path"] = calibration(model)
+        return step(model, "teacache", th, "none", 0.0, 1.0, 0, cal["path"])[0]
+
+    return {
+        "fewstep step cache easycache": lambda m, th: step(m, "easycache", th, "none", 0.0, 1.0, 0, "auto")[0],
+        "fewstep step cache teacache": teacache,
+        "fewstep block cache first_block": lambda m, th: block(m, "first_block", th, 1, 2, 0, 0.5, "none", 0.0, 1.0,
+                                                               0, "auto")[0],
+    }
 
 
 def evaluate(cm: Any, runs: list[Run], per_class: int, seed: int, log: Callable[[str], None] = print
@@ -192,11 +230,12 @@ def evaluate(cm: Any, runs: list[Run], per_class: int, seed: int, log: Callable[
     rows, images = [], {}
     base_seconds = []
     for run in runs:
-        imgs, labels, seconds, nfe = generate(cm, run, per_class, seed)
+        imgs, labels, seconds, model_calls, nfe = generate(cm, run, per_class, seed)
         if run.group == "baseline":
             base_seconds.append(seconds)
         metrics = evaluate_samples(imgs, labels)
-        row = {"setting": run.name, "group": run.group, "nfe": nfe, "seconds": seconds, "cfg": run.cfg, **run.info,
+        row = {"setting": run.name, "group": run.group, "nfe": nfe, "model_calls": model_calls, "seconds": seconds,
+               "cfg": run.cfg, **run.info,
                **{k: metrics[k] for k in ("fd", "accuracy", "precision", "recall")}}
         rows.append(row)
         images[run.name] = imgs
@@ -274,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("samplers", "all"):
         runs += sampler_runs(cm, teacher)
     if args.part in ("caches", "all"):
-        runs += cache_runs(cm, teacher)
+        import tempfile
+
+        runs += cache_runs(cm, teacher, calibration_dir=Path(tempfile.mkdtemp(prefix="fewstep-bench-cal-")))
     runs.append(Run(base.name + " (timed again)", "baseline", base.model, base.sampler, base.sigmas, base.cfg))
     t0 = time.time()
     rows, images = evaluate(cm, runs, args.per_class, args.seed)

@@ -163,3 +163,33 @@ def test_shipped_teacher_calibration_is_found():
         with apply_cache(model, cache, calibration_dirs=[PACKAGE_DIR]):
             out = sample_dpmpp_2m(model, x, sig, extra_args={"class_labels": torch.tensor([3, 5])}, disable=True)
         assert torch.isfinite(out).all() and cache.calibration.model == "digits-dit-teacher"
+
+
+def test_recorder_and_fit_for_other_hosts_keep_branches_and_runs_apart():
+    """``CalibrationRecorder`` + ``fit_calibration`` (the ComfyUI calibration node's path): changes are measured per
+    key and never across runs; the fit recovers a known input -> output change map and the magnitude curve."""
+    from fewstep.core.cache import CalibrationRecorder, fit_calibration
+
+    rec = CalibrationRecorder()
+    g = torch.Generator().manual_seed(0)
+    sigmas = [10.0, 6.0, 3.0, 1.5, 0.7, 0.3]
+    for run in range(2):
+        if run:
+            rec.new_run()
+        for key, scale in (((0,), 1.0), ((1,), -3.0)):  # two branches called separately at each sigma
+            x = torch.randn(2, 4, 8, generator=g) * scale
+            for i, s in enumerate(sigmas):
+                rec.begin(s)
+                x = x + torch.randn(x.shape, generator=g) * 0.05 * (i + 1) * abs(scale)
+                rec.change("input", x, key)
+                rec.change("output", 2 * x, key)  # output changes exactly as the input does
+                rec.norm("step", torch.full_like(x, s))
+    assert rec.runs == 2 and len(rec.rows) == 2 * 2 * len(sigmas)
+    measured = [r for r in rec.rows if "input_rel" in r]
+    assert len(measured) == 2 * 2 * (len(sigmas) - 1)  # first call of each key in each run has no predecessor
+    cal = fit_calibration(rec, "host-model", "abc123", degree=2)
+    xs = torch.tensor([0.05, 0.1, 0.2])
+    torch.testing.assert_close(cal.poly("input")(xs), xs, rtol=1e-3, atol=1e-4)
+    curve = cal.mag_curve("step")
+    assert curve(3.0) == pytest.approx(torch.tensor(3.0).log().item(), abs=1e-5)
+    assert cal.model == "host-model" and cal.config_hash == "abc123" and "modulated" not in cal.polys

@@ -6,7 +6,8 @@ changed, and reuse or forecast what it would have produced. Pure torch; patches,
 - ``DeltaDiTCache`` -- Delta-DiT front/back block caching by sampling phase.
 - ``forecast="taylor1"/"taylor2"`` on any of them -- TaylorSeer forecasting instead of plain reuse.
 - ``calibrate`` / ``save_calibration`` / ``load_calibration`` -- per-model TeaCache polynomials and MagCache curves,
-  keyed by model name and config hash.
+  keyed by model name and config hash; ``CalibrationRecorder`` + ``fit_calibration`` let other hosts (ComfyUI)
+  record their own sampling runs and fit the same curves.
 - ``apply_cache(model, cache)`` -> ``CacheHandle`` (``remove()`` / context manager).
 
 The state machine (``ResidualCache.should_compute`` / ``update`` / ``predict`` / ``reset``) is host-agnostic: the
@@ -18,8 +19,10 @@ from .calibration import (
     CalibrationError,
     CalibrationMismatchError,
     CalibrationMissingError,
+    CalibrationRecorder,
     calibrate,
     default_search_dirs,
+    fit_calibration,
     load_calibration,
     model_fingerprint,
     read_calibration,
@@ -39,7 +42,7 @@ from .policy import (
 
 __all__ = [
     "INDICATORS", "BlockCache", "CacheConfigError", "CacheHandle", "Calibration", "CalibrationError",
-    "CalibrationMismatchError", "CalibrationMissingError", "DeltaDiTCache", "FirstBlockCache", "ResidualCache",
-    "StepCache", "TaylorForecaster", "apply_cache", "calibrate", "default_search_dirs", "find_blocks",
-    "load_calibration", "model_fingerprint", "read_calibration", "save_calibration",
+    "CalibrationMismatchError", "CalibrationMissingError", "CalibrationRecorder", "DeltaDiTCache", "FirstBlockCache",
+    "ResidualCache", "StepCache", "TaylorForecaster", "apply_cache", "calibrate", "default_search_dirs", "find_blocks",
+    "fit_calibration", "load_calibration", "model_fingerprint", "read_calibration", "save_calibration",
 ]

@@ -281,23 +281,45 @@ def resolve_calibration(calibration: Any, model_name: str | None, config_hash: s
 
 
 # ------------------------------------------------------------------------------------------------ calibrate
-class _Recorder:
-    """Per-call metrics between consecutive calls, per row."""
+class CalibrationRecorder:
+    """Per-call measurements of one or more full-compute sampling runs, for ``fit_calibration``.
+
+    A host (``calibrate`` here, a ComfyUI wrapper in ``nodes/caches.py``) calls ``begin(sigma)`` at each model call,
+    then ``change(name, tensor, key)`` for signals whose relative L1 change between consecutive calls is wanted
+    (``input``, ``output``, ``modulated``, ``range_input``) and ``norm(name, tensor)`` for residuals whose log
+    magnitude is wanted (``step``, ``blocks:<h>``). ``key`` separates call sites (guidance branches called
+    separately): a change is always measured against the previous call with the same key. ``new_run()`` starts
+    another sampling run (changes are never measured across runs).
+    """
 
     def __init__(self) -> None:
-        self.prev: dict[str, Tensor] = {}
+        self.prev: dict[Any, Tensor] = {}
         self.rows: list[dict[str, Any]] = []
         self.cur: dict[str, Any] = {}
+        self.runs = 1
 
-    def change(self, name: str, t: Tensor) -> None:
+    def begin(self, sigma: float) -> dict[str, Any]:
+        """Start the record of one model call at ``sigma``."""
+        self.cur = {"sigma": float(sigma)}
+        self.rows.append(self.cur)
+        return self.cur
+
+    def new_run(self) -> None:
+        self.prev.clear()
+        self.runs += 1
+
+    def change(self, name: str, t: Tensor, key: Any = None) -> None:
         t = t.detach().float()
-        prev = self.prev.get(name)
+        prev = self.prev.get((name, key))
         if prev is not None and prev.shape == t.shape:
             self.cur[f"{name}_rel"] = rel_l1(t, prev).cpu()
-        self.prev[name] = t
+        self.prev[(name, key)] = t
 
     def norm(self, name: str, t: Tensor) -> None:
         self.cur[f"{name}_norm"] = row_mean_abs(t).clamp_min(1e-12).log().mean().item()
+
+
+_Recorder = CalibrationRecorder
 
 
 def _polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> tuple[list[float], list[float], float]:
@@ -362,14 +384,13 @@ def calibrate(
     model_name, config_hash = model_fingerprint(den, name=name)
     ms = den.model_sampling
     sig = torch.as_tensor(sigmas, dtype=torch.float32) if sigmas is not None else get_sigmas(schedule, ms, steps)
-    rec = _Recorder()
+    rec = CalibrationRecorder()
     handles: list[Any] = []
     orig_call = den.call
 
     def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         s = args[1] if len(args) > 1 else kwargs["sigma"]
-        rec.cur = {"sigma": float(torch.as_tensor(s).reshape(-1)[0])}
-        rec.rows.append(rec.cur)
+        rec.begin(float(torch.as_tensor(s).reshape(-1)[0]))
 
     def call(module: nn.Module, x_in: Tensor, t: Tensor, **cond: Any) -> Tensor:
         out = orig_call(module, x_in, t, **cond)
@@ -416,6 +437,18 @@ def calibrate(
     if calls != len(sig) - 1:
         raise CalibrationError(f"sampler {sampler!r} made {calls} model calls for {len(sig) - 1} steps; calibrate "
                                "with a single-evaluation sampler (euler, dpmpp_2m, euler_ancestral)")
+    cal = fit_calibration(rec, model_name, config_hash, degree=degree, curves=["step"] + (
+        [f"blocks:{head_blocks}"] if blocks else []))
+    cal.recipe.update({"sampler": sampler, "steps": len(sig) - 1, "schedule": schedule if sigmas is None else "custom",
+                       "rows": int(noise.shape[0]), "guidance": guidance is not None, "head_blocks": head_blocks,
+                       "degree": degree, "num_blocks": len(blocks) if blocks else 0})
+    return cal
+
+
+def fit_calibration(rec: CalibrationRecorder, model_name: str, config_hash: str, *, degree: int = 4,
+                    curves: Sequence[str] = ("step",)) -> Calibration:
+    """Fit TeaCache polynomials (every recorded ``<signal>_rel`` against ``output_rel``) and MagCache log-magnitude
+    curves (``curves``, from ``<curve>_norm``) to a recorder's rows; see the module docstring."""
     cal = Calibration(model=model_name, config_hash=config_hash)
     target = [r.get("output_rel") for r in rec.rows]
     for signal in ("input", "modulated", "range_input"):
@@ -430,12 +463,9 @@ def calibrate(
         cal.recipe[f"poly_degree_{signal}"] = len(coeffs) - 1
         cal.curves[f"{signal}_rel"] = [float(p[0].mean()) for p in pairs]
     cal.curves["output_rel"] = [float(y.mean()) for y in target if y is not None]
-    for curve in ["step"] + ([f"blocks:{head_blocks}"] if blocks else []):
+    for curve in curves:
         pts = sorted((math.log(max(r["sigma"], 1e-12)), r[f"{curve}_norm"]) for r in rec.rows if f"{curve}_norm" in r)
         if pts:
             cal.mag[curve] = {"log_sigma": [p[0] for p in pts], "log_norm": [p[1] for p in pts]}
     cal.curves["sigma"] = [r["sigma"] for r in rec.rows]
-    cal.recipe.update({"sampler": sampler, "steps": len(sig) - 1, "schedule": schedule if sigmas is None else "custom",
-                       "rows": int(noise.shape[0]), "guidance": guidance is not None, "head_blocks": head_blocks,
-                       "degree": degree, "num_blocks": len(blocks) if blocks else 0})
     return cal

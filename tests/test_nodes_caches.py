@@ -1,0 +1,360 @@
+"""Cache nodes (nodes/caches.py) on tiny random-weight instances of ComfyUI's own architectures (SD1.5, SDXL, Flux,
+SD3, Wan 2.1) and on the embedded digits DiT, sampled through ComfyUI (CFGGuider -> SamplerCustomAdvanced).
+
+Network and block executions are counted with forward pre-hooks on the real modules, so "skipped" is checked
+against what actually ran, not against the cache's own bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_thread")]
+
+ARCHS = ("sd15", "sdxl", "flux", "sd3", "wan21")
+BLOCK_ARCHS = ("flux", "sd3", "wan21", "digits")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def env(comfy_root):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    import comfy_tiny_models as tiny
+    import folder_paths
+
+    from fewstep.nodes import caches, embedded, embedded_model
+
+    models = {arch: tiny.tiny_model(arch) for arch in ARCHS}
+    models["digits"] = embedded_model.load_digits_model(embedded_model.RANDOM_NAME)
+    return type("Env", (), dict(cs=cs, samplers=comfy.samplers, tiny=tiny, C=caches, E=embedded, EM=embedded_model,
+                                models=models, folder_paths=folder_paths))
+
+
+@pytest.fixture
+def cal_dir(env, tmp_path, monkeypatch):
+    """An empty calibration folder in place of models/fewstep_cache_calibrations (and no user/env dirs)."""
+    monkeypatch.setitem(env.folder_paths.folder_names_and_paths, env.C.CALIBRATION_FOLDER, ([str(tmp_path)], {".json"}))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FEWSTEP_CALIBRATION_DIR", raising=False)
+    return tmp_path
+
+
+def _inputs(env, arch, batch=1):
+    if arch == "digits":
+        pos, neg = env.E.FewstepDigitsClassCondition.execute(3)
+        return pos, neg, {"samples": env.EM.empty_latent(batch)}
+    return env.tiny.tiny_inputs(arch, batch=batch)
+
+
+def _sample(env, model, arch, steps=STEPS, cfg=2.0, seed=0, batch=1, sampler="euler", scheduler="karras"):
+    pos, neg, latent = _inputs(env, arch, batch)
+    guider = env.cs.CFGGuider.execute(model, pos, neg, cfg)[0]
+    sigmas = env.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+    return env.cs.SamplerCustomAdvanced.execute(env.cs.RandomNoise.execute(seed)[0], guider,
+                                                env.samplers.sampler_object(sampler), sigmas, latent)[0]["samples"]
+
+
+class _Count:
+    """Counts forward calls of the diffusion model and of each block module (forward pre-hooks)."""
+
+    def __init__(self, env, model, arch):
+        dm = model.model.diffusion_model
+        self.net = 0
+        self.blocks = 0
+        self.handles = [_stem(dm, arch).register_forward_pre_hook(self._net)]
+        if arch in BLOCK_ARCHS:
+            for mod in _block_modules(dm, arch):
+                self.handles.append(mod.register_forward_pre_hook(self._block))
+
+    def _net(self, *_):
+        self.net += 1
+
+    def _block(self, *_):
+        self.blocks += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _stem(dm, arch):
+    """The network's first layer: it runs exactly when the network body runs (a step cache's skip avoids it)."""
+    return {"sd15": lambda: dm.input_blocks[0][0], "sdxl": lambda: dm.input_blocks[0][0], "flux": lambda: dm.img_in,
+            "sd3": lambda: dm.x_embedder, "wan21": lambda: dm.patch_embedding,
+            "digits": lambda: dm.dit.pos_embed.proj}[arch]()
+
+
+def _block_modules(dm, arch):
+    if arch == "flux":
+        return [*dm.double_blocks, *dm.single_blocks]
+    if arch == "sd3":
+        return list(dm.joint_blocks)
+    if arch == "wan21":
+        return list(dm.blocks)
+    return list(dm.dit.transformer_blocks)
+
+
+def _step(env, model, method="easycache", threshold=0.1, forecast="none", start=0.0, end=1.0, max_skips=0,
+          calibration="auto"):
+    return env.C.FewstepStepCache.execute(model, method, threshold, forecast, start, end, max_skips, calibration)[0]
+
+
+def _block(env, model, method="first_block", threshold=0.1, head_blocks=1, interval=2, delta_blocks=0, boundary=0.5,
+           forecast="none", calibration="auto"):
+    return env.C.FewstepBlockCache.execute(model, method, threshold, head_blocks, interval, delta_blocks, boundary,
+                                           forecast, 0.0, 1.0, 0, calibration)[0]
+
+
+def _stats(model, key):
+    return model.model_options["transformer_options"][key].last_stats
+
+
+# ------------------------------------------------------------------------------------------------ step cache
+
+
+@pytest.mark.parametrize("arch", (*ARCHS, "digits"))
+def test_step_cache_lossless_and_counted_on_architecture(env, arch):
+    base = env.models[arch]
+    ref = _sample(env, base, arch)
+    for method, forecast in (("easycache", "none"), ("teacache_uncalibrated", "taylor2")):
+        patched = _step(env, base, method, threshold=0.0, forecast=forecast)
+        with _Count(env, base, arch) as n:
+            out = _sample(env, patched, arch)
+        assert torch.equal(out, ref), (arch, method)
+        st = _stats(patched, env.C.STEP_KEY)
+        assert st["computed"] == n.net == STEPS and st["skipped"] == 0
+        assert st["level"] == ("apply_model" if arch == "sd3" else "diffusion_model")
+    assert "fewstep_step_cache" not in base.model_options["transformer_options"]  # the input MODEL is untouched
+    # a real threshold: the network runs exactly as often as the cache says it computed
+    for forecast in ("none", "taylor1"):
+        patched = _step(env, base, "teacache_uncalibrated", threshold=1.0, forecast=forecast)
+        with _Count(env, base, arch) as n:
+            out = _sample(env, patched, arch)
+        st = _stats(patched, env.C.STEP_KEY)
+        assert st["skipped"] > 0 and st["computed"] + st["skipped"] == STEPS
+        assert n.net == st["computed"]
+        assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_step_cache_max_skips_and_percent_window(env):
+    base = env.models["flux"]
+    patched = _step(env, base, "teacache_uncalibrated", threshold=1.0, max_skips=1)
+    with _Count(env, base, "flux") as n:
+        _sample(env, patched, "flux", scheduler="simple")
+    st = _stats(patched, env.C.STEP_KEY)
+    assert st == {**st, "computed": 3, "skipped": 3} and n.net == 3  # compute, skip, compute, skip, ...
+    # start_percent 0.5: every step before the middle of the run (ComfyUI's percent_to_sigma) computes
+    ms = base.get_model_object("model_sampling")
+    sigmas = env.samplers.calculate_sigmas(ms, "simple", STEPS)[:-1]
+    before = int((sigmas > float(ms.percent_to_sigma(0.5))).sum())
+    assert 0 < before < STEPS
+    window = _step(env, base, "teacache_uncalibrated", threshold=1.0, start=0.5, end=1.0)
+    _sample(env, window, "flux", scheduler="simple")
+    late = _stats(window, env.C.STEP_KEY)
+    assert late["computed"] >= before and 0 < late["skipped"] <= STEPS - before
+
+
+def test_step_cache_state_resets_between_runs_and_batch_sizes(env):
+    base = env.models["digits"]
+    patched = _step(env, base, "teacache_uncalibrated", threshold=0.3)
+    holder = patched.model_options["transformer_options"][env.C.STEP_KEY]
+    a = _sample(env, patched, "digits", steps=10, batch=2)
+    s1 = dict(holder.last_stats)
+    b = _sample(env, patched, "digits", steps=10, batch=2)
+    assert torch.equal(a, b) and holder.last_stats == s1 and s1["skipped"] > 0
+    c = _sample(env, patched, "digits", steps=10, batch=3, seed=1)
+    assert c.shape[0] == 3 and holder.last_stats["forced"] == 0  # a fresh state: nothing to invalidate
+    d = _sample(env, patched, "digits", steps=10, batch=2)
+    assert torch.equal(a, d) and len(holder.history) == 4
+    # the same MODEL in another sampler run right after gives the same as a freshly patched one
+    fresh = _step(env, base, "teacache_uncalibrated", threshold=0.3)
+    assert torch.equal(_sample(env, fresh, "digits", steps=10, batch=3, seed=1), c)
+
+
+def test_step_cache_keeps_guidance_branches_apart(env):
+    """Branches called separately at the same sigmas (keys ``(0,)`` and ``(1,)`` from ``cond_or_uncond``) keep
+    separate state: a still cond input is skipped while a fast-changing uncond input is computed every step."""
+    base = env.models["digits"]
+    patched = _step(env, base, "teacache_uncalibrated", threshold=0.5)
+    holder = patched.model_options["transformer_options"][env.C.STEP_KEY]
+    run = holder.new_run(base.get_model_object("model_sampling"))
+    wrapper = env.C._step_diffusion_model_wrapper(1)
+    ran: list[tuple] = []
+
+    def net(x, t, context, control, opts):
+        ran.append(tuple(opts["cond_or_uncond"]))
+        return x * 2
+
+    still = torch.ones(1, 1, 16, 16)
+    for i, sigma in enumerate((10.0, 8.0, 6.0, 4.0, 2.0)):
+        for branch, x in (((0,), still), ((1,), still * 3**i)):
+            opts = {"sigmas": torch.tensor([sigma]), "cond_or_uncond": list(branch), f"{env.C.STEP_KEY}_run": run}
+            assert torch.equal(wrapper(net, x, torch.tensor([sigma * 100]), None, None, opts), x * 2)
+    assert ran.count((0,)) == 1 and ran.count((1,)) == 5
+    assert run.cache.stats["skipped"] == 4 and run.cache.stats["computed"] == 6
+    # cfg 1 runs the cond branch alone, through the same node
+    cond_only = _step(env, base, "teacache_uncalibrated", threshold=0.3)
+    _sample(env, cond_only, "digits", steps=10, cfg=1.0)
+    assert _stats(cond_only, env.C.STEP_KEY)["calls"] == 10
+
+
+def test_step_cache_bad_threshold_is_rejected_with_the_range(env):
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1.0\].*got 1.5"):
+        _step(env, env.models["sd15"], threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1.0\]"):
+        _block(env, env.models["flux"], threshold=-0.1)
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        _step(env, env.models["sd15"], start=0.8, end=0.2)
+
+
+# ------------------------------------------------------------------------------------------------ block cache
+
+
+@pytest.mark.parametrize("arch", BLOCK_ARCHS)
+def test_block_cache_lossless_and_counted_on_architecture(env, arch):
+    base = env.models[arch]
+    n_blocks = len(env.C.block_layout(base))
+    ref = _sample(env, base, arch)
+    for method in ("first_block", "easycache"):
+        patched = _block(env, base, method, threshold=0.0, forecast="taylor1")
+        with _Count(env, base, arch) as n:
+            out = _sample(env, patched, arch)
+        assert torch.equal(out, ref), (arch, method)
+        st = _stats(patched, env.C.BLOCK_KEY)
+        assert st["blocks_run"] == n.blocks == STEPS * n_blocks and st["blocks_skipped"] == 0
+    delta1 = _block(env, base, "delta_dit", interval=1)  # interval 1: recompute every call
+    assert torch.equal(_sample(env, delta1, arch), ref)
+    for method, kwargs in (("first_block", dict(threshold=1.0)), ("delta_dit", dict(interval=2)),
+                           ("first_block", dict(threshold=1.0, forecast="taylor2"))):
+        patched = _block(env, base, method, **kwargs)
+        with _Count(env, base, arch) as n:
+            out = _sample(env, patched, arch)
+        st = _stats(patched, env.C.BLOCK_KEY)
+        assert st["blocks_skipped"] > 0 and torch.isfinite(out).all(), (arch, method)
+        assert n.blocks == st["blocks_run"] and st["blocks_run"] + st["blocks_skipped"] == STEPS * n_blocks
+        assert n.net == STEPS  # the network itself always runs (its embedders and head)
+
+
+@pytest.mark.parametrize("arch", ("sd15", "sdxl"))
+def test_block_cache_on_a_unet_names_the_architecture_and_the_step_cache(env, arch):
+    name = {"sd15": "SD15", "sdxl": "SDXL"}[arch]
+    with pytest.raises(ValueError, match=rf"\({name}, UNetModel\).*FewstepStepCache"):
+        _block(env, env.models[arch])
+
+
+def test_node_path_matches_the_core_hooks_on_the_digits_model(env):
+    """The step cache through ComfyUI's wrappers and core's torch hooks on the same network (diffusers' DiT with the
+    same weights) make the same compute/skip decisions and give the same samples."""
+    from fewstep.core.cache import StepCache, apply_cache
+    from fewstep.core.guidance import CFGDenoiser
+    from fewstep.core.models import DiscreteVP
+    from fewstep.core.models.embedded import build_dit, dit_denoiser
+    from fewstep.core.sampling import get_sampler
+    from fewstep.nodes.samplers import FewstepSamplerTeacher
+
+    base = env.models["digits"]
+    twin = build_dit()
+    twin.load_state_dict(base.model.diffusion_model.dit.state_dict())
+    twin.eval().requires_grad_(False)
+    steps, seed, batch, threshold = 12, 3, 2, 0.25
+    sigmas = env.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "karras", steps)
+
+    node_ts: list[float] = []
+    patched = _step(env, base, "teacache_uncalibrated", threshold=threshold)
+    block0 = base.model.diffusion_model.dit.transformer_blocks[0]
+    h = block0.register_forward_pre_hook(lambda _m, a: node_ts.append(float(a[1][0])))
+    try:
+        pos, neg, latent = _inputs(env, "digits", batch)
+        guider = env.cs.CFGGuider.execute(patched, pos, neg, 2.0)[0]
+        got = env.cs.SamplerCustomAdvanced.execute(env.cs.RandomNoise.execute(seed)[0], guider,
+                                                   FewstepSamplerTeacher.execute("euler")[0], sigmas,
+                                                   latent)[0]["samples"]
+    finally:
+        h.remove()
+
+    core_ts: list[float] = []
+    den = CFGDenoiser(dit_denoiser(twin, DiscreteVP("v", "linear", 1e-4, 0.02, quantize=True)), scale=2.0)
+    cache = StepCache(threshold, indicator="input")
+    h = twin.register_forward_pre_hook(lambda _m, a, k: core_ts.append(float(k.get("timestep", a[1] if len(a) > 1
+                                                                                      else None)[0])),
+                                       with_kwargs=True)
+    noise = torch.randn(batch, 1, 16, 16, generator=torch.manual_seed(seed))
+    try:
+        with apply_cache(den, cache):
+            ref = get_sampler("euler")(den, noise * (1 + sigmas[0] ** 2) ** 0.5, sigmas,
+                                       extra_args={"class_labels": torch.full((batch,), 3)}, disable=True)
+    finally:
+        h.remove()
+    st = _stats(patched, env.C.STEP_KEY)
+    assert 0 < st["skipped"] == cache.stats["skipped"] and st["computed"] == cache.stats["computed"]
+    assert node_ts == pytest.approx(core_ts, abs=1e-3)  # the same steps computed
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def test_calibration_node_writes_the_file_the_caches_find(env, cal_dir):
+    base = env.models["digits"]
+    pos, neg, latent = _inputs(env, "digits", 2)
+    # without a calibration, the methods that need one say which node makes it
+    for make in (lambda: _step(env, base, "teacache", threshold=0.1),
+                 lambda: _step(env, base, "magcache", threshold=0.05),
+                 lambda: _block(env, base, "teacache", threshold=0.1)):
+        with pytest.raises(ValueError, match=r"FewstepCacheCalibrate.*no cache calibration for model "
+                                             r"'comfy-DigitsDiTConfig'"):
+            make()
+    model_out, summary = env.C.FewstepCacheCalibrate.execute(base, pos, neg, latent, "dpmpp_2m", "karras", 8, 2.0,
+                                                             0, 2, 1)
+    assert model_out is base
+    info = json.loads(summary)
+    path = cal_dir / f"{info['model']}--{info['config_hash']}.json"
+    assert info["path"] == str(path) and path.is_file() and not list(cal_dir.glob("*.tmp"))
+    assert info["level"] == "diffusion_model" and info["calls"] == 16  # 2 runs x 8 steps, cond+uncond batched
+    assert set(info["polys"]) == {"input", "range_input"} and set(info["mag_curves"]) == {"step", "blocks:1"}
+    data = json.loads(path.read_text())
+    assert data["recipe"]["host"] == "comfyui" and len(data["mag"]["step"]["log_sigma"]) == 16
+    # the caches now find it with calibration 'auto', and every calibrated method runs and skips
+    ref = _sample(env, base, "digits", steps=10)
+    for patched, key in ((_step(env, base, "teacache", threshold=0.3), env.C.STEP_KEY),
+                         (_step(env, base, "magcache", threshold=0.3), env.C.STEP_KEY),
+                         (_block(env, base, "teacache", threshold=0.3), env.C.BLOCK_KEY),
+                         (_block(env, base, "magcache", threshold=0.3), env.C.BLOCK_KEY)):
+        holder = patched.model_options["transformer_options"][key]
+        out = _sample(env, patched, "digits", steps=10)
+        assert torch.isfinite(out).all() and holder.last_stats["skipped"] > 0, holder.label
+    assert torch.equal(_sample(env, _step(env, base, "teacache", threshold=0.0), "digits", steps=10), ref)
+    assert torch.equal(_sample(env, _block(env, base, "magcache", threshold=0.0), "digits", steps=10), ref)
+
+
+def test_calibration_of_another_model_is_refused_with_cores_message(env, cal_dir):
+    flux = env.models["flux"]
+    pos, neg, latent = _inputs(env, "flux")
+    _, summary = env.C.FewstepCacheCalibrate.execute(flux, pos, neg, latent, "euler", "simple", 5, 2.0, 0, 1, 1)
+    info = json.loads(summary)
+    assert info["model"] == "comfy-Flux" and "blocks:1" in info["mag_curves"]
+    assert _step(env, flux, "teacache", threshold=0.1)  # found for Flux ...
+    with pytest.raises(ValueError, match=r"calibration does not fit.*calibration is for model 'comfy-Flux' but the "
+                                         r"cache is applied to 'comfy-DigitsDiTConfig'"):
+        _step(env, env.models["digits"], "teacache", threshold=0.1, calibration=f"{info['model']}--"
+                                                                              f"{info['config_hash']}.json")
+    with pytest.raises(ValueError, match="neither 'auto' nor a file"):
+        _step(env, flux, "teacache", calibration="no_such_file.json")
+
+
+def test_calibration_needs_an_uncached_model_and_a_one_call_sampler(env, cal_dir):
+    base = env.models["digits"]
+    pos, neg, latent = _inputs(env, "digits")
+    with pytest.raises(ValueError, match="before the cache nodes"):
+        env.C.FewstepCacheCalibrate.execute(_step(env, base), pos, neg, latent, "euler", "karras", 6, 2.0, 0, 1, 1)
+    with pytest.raises(ValueError, match=r"head_blocks must be in \[1, 4\]"):
+        env.C.FewstepCacheCalibrate.execute(base, pos, neg, latent, "euler", "karras", 6, 2.0, 0, 1, 5)
+    with pytest.raises(ValueError, match="one model call per step"):
+        env.C.FewstepCacheCalibrate.execute(base, pos, neg, latent, "heun", "karras", 6, 2.0, 0, 1, 1)
+    assert not list(cal_dir.glob("*.json"))
