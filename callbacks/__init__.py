@@ -13,10 +13,12 @@ from .ema import StudentEMA
 from .export import DivergenceError, DivergenceGuard, StudentExport
 from .guidance_adapter import GuidanceAdapterDistillation
 from .monitor import QualityEval, SampleGrid
+from .onnx_export import OnnxExport, OnnxExportError
 from .reflow import ReflowDistillation
 
 __all__ = [
     "ConsistencyDistillation", "DMD2Distillation", "DistillationModule", "DivergenceError", "DivergenceGuard",
     "GuidanceAdapterDistillation", "QualityEval", "ReflowDistillation", "SampleGrid", "StudentEMA", "StudentExport",
+    "OnnxExport", "OnnxExportError",
     "dmd2_optimizer_steps", "ticker_dataloader",
 ]

@@ -1,7 +1,8 @@
 """ONNX export of fewstep denoisers and a torch-free onnxruntime sampler.
 
 - ``export_onnx(denoiser, path, ...)`` (torch + onnx): the network behind a ``Denoiser`` (or a ``CFGDenoiser`` with
-  guidance folded in) to ONNX with fewstep metadata; ``convert_file_to_fp16(src, dst)`` for an existing export.
+  guidance folded in) to ONNX with fewstep metadata; ``convert_file_to_fp16(src, dst)`` for an existing export;
+  ``export_onnx_atomic`` writes through a temporary file and a rename (no half-written file on failure).
 - ``OnnxDenoiser``, ``generate`` (numpy + onnxruntime only): sample an export on the device.
 
 Names resolve lazily so that importing this package imports neither torch nor onnxruntime; the runtime modules
@@ -14,6 +15,7 @@ from typing import Any
 
 _LAZY = {
     "export_onnx": "exporter",
+    "export_onnx_atomic": "atomic",
     "ExportResult": "exporter",
     "convert_to_fp16": "fp16",
     "convert_file_to_fp16": "fp16",

@@ -1,0 +1,147 @@
+"""ONNX nodes in a real ComfyUI 0.3.75 server (the shared ``comfy_server`` fixture): a prompt that exports the
+embedded consistency student and samples the file on onnxruntime, the same file loaded from ``models/onnx`` by name
+in a second prompt (same images), and bad files that fail their prompt cleanly while the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import workflow_tools as wt  # noqa: E402
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+TEACHER = Path(wt.REPO_ROOT) / "core" / "models" / "weights" / "digits_dit_teacher.safetensors"
+RANDOM_INIT = "digits_dit_random_init"
+
+
+def _get(url: str, timeout: float = 30) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def _run(url: str, graph: dict, timeout: float = 300) -> dict:
+    req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            pid = json.load(r)["prompt_id"]
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"prompt rejected: {e.read()[:2000]!r}") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hist = json.loads(_get(f"{url}/history/{pid}"))
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            return hist[pid]
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
+
+
+def _error(entry: dict) -> str:
+    for kind, data in entry["status"]["messages"]:
+        if kind == "execution_error":
+            return f"{data['node_type']}: {data['exception_message']}"
+    return ""
+
+
+def _images(url: str, entry: dict) -> list[bytes]:
+    out = []
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
+            out.append(_get(f"{url}/view?{query}"))
+    return out
+
+
+def _pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+
+
+def _student_graph() -> dict:
+    graph = wt.load_api("fewstep_digits_onnx_student")
+    if not TEACHER.exists():  # until the shipped weights are trained: the same graph on untrained weights
+        for node in graph.values():
+            if node["class_type"] == "FewstepDigitsModelLoader":
+                node["inputs"]["model_name"] = RANDOM_INIT
+    return graph
+
+
+def _by_name(graph: dict, onnx_name: str) -> dict:
+    """The student graph without the export: the loader reads ``onnx_name`` (sigmas from the schedule node)."""
+    g = json.loads(json.dumps(graph))
+    export = next(k for k, n in g.items() if n["class_type"] == "FewstepOnnxExport")
+    del g[export]
+    loader = next(n for n in g.values() if n["class_type"] == "FewstepOnnxLoader")
+    loader["inputs"]["onnx_name"] = onnx_name
+    del loader["inputs"]["path"]
+    return g
+
+
+def test_export_and_sample_in_one_prompt_then_load_the_file_by_name(comfy_server):
+    url, workdir = comfy_server
+    graph = _student_graph()
+    start = time.monotonic()
+    entry = _run(url, graph)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    first = _images(url, entry)
+    assert len(first) == 8
+    text = next(o["text"][0] for o in entry["outputs"].values() if "text" in o)  # the export node's UI text
+    written = Path(text.split(" (")[0])
+    assert written.is_file() and written.is_relative_to(workdir / "output") and written.suffix == ".onnx"
+    print(f"\nexport + 4-step ONNX sampling prompt: {time.monotonic() - start:.1f}s; {text}")
+
+    # the same file put into models/onnx and picked by name: same images (same file, noise and sigmas)
+    models = workdir / "models" / "onnx"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(written, models / "copied_student.onnx")
+    info = json.loads(_get(f"{url}/object_info/FewstepOnnxLoader"))["FewstepOnnxLoader"]
+    assert "copied_student.onnx" in info["input"]["required"]["onnx_name"][1]["options"]
+    again = _run(url, _by_name(graph, "copied_student.onnx"))
+    assert again["status"]["status_str"] == "success", _error(again)
+    second = _images(url, again)
+    assert len(second) == 8
+    assert all((_pixels(a) == _pixels(b)).all() for a, b in zip(first, second))
+
+
+def test_bad_onnx_files_fail_their_prompt_and_the_server_keeps_serving(comfy_server):
+    url, workdir = comfy_server
+    models = workdir / "models" / "onnx"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "corrupt.onnx").write_bytes(b"\x08\x07not an onnx model" * 8)
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    (models / "plain.onnx").write_bytes(plain.SerializeToString())
+    graph = _student_graph()
+    for name, message in (("corrupt.onnx", "not a valid ONNX model"),
+                          ("plain.onnx", "has no 'fewstep' metadata"),
+                          ("missing.onnx", "ONNX file 'missing.onnx' not found")):
+        entry = _run(url, _by_name(graph, name))
+        assert entry["status"]["status_str"] == "error", name
+        err = _error(entry)
+        assert err.startswith("FewstepOnnxLoader: ") and message in err, err
+    # a path outside the allowed folders is refused, whatever the file
+    g = json.loads(json.dumps(graph))
+    export = next(k for k, n in g.items() if n["class_type"] == "FewstepOnnxExport")
+    g[export]["inputs"]["filename_prefix"] = "../../outside"
+    entry = _run(url, g)
+    assert entry["status"]["status_str"] == "error" and "outside the output folder" in _error(entry), _error(entry)
+    # ... and the server still serves the next prompt
+    entry = _run(url, graph)
+    assert entry["status"]["status_str"] == "success", _error(entry)
