@@ -73,8 +73,11 @@ def _quiet() -> None:
 
 
 def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
-         checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool) -> dict[str, Any]:
-    """Fit one stage with EMA, guard, grids, quality eval, checkpoints and export. Returns a summary."""
+         checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
+         onnx: bool = False) -> dict[str, Any]:
+    """Fit one stage with EMA, guard, grids, quality eval, checkpoints and export (``onnx``: also the EMA student
+    as ``<export stem>.onnx``, after the checkpoints; an export failure is logged, training results are kept).
+    Returns a summary."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -91,6 +94,12 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     export = StudentExport(export_path) if export_path is not None else None
     if export is not None:
         callbacks.append(export)
+    onnx_export = None
+    if onnx and export_path is not None:
+        from .onnx_export import OnnxExport
+
+        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema", on_error="warn")
+        callbacks.append(onnx_export)
     ckpt = ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
                            save_top_k=0) if not smoke else None
     if ckpt is not None:
@@ -109,7 +118,9 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     quality = next((cb.history[-1] for cb in callbacks if isinstance(cb, QualityEval) and cb.history), None)
     return {"method": module.method, "batches": module.batches_seen, "counters": module.counters(),
             "fit_seconds": round(time.perf_counter() - t0, 2), "step_seconds_median": round(timer.median(), 4),
-            "files": [str(p) for p in (export.written if export else [])], "quality": quality}
+            "files": [str(p) for p in (export.written if export else [])]
+            + ([str(onnx_export.path)] if onnx_export is not None and onnx_export.path.exists() else []),
+            "quality": quality}
 
 
 def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int, progress: bool) -> Path:
@@ -124,7 +135,8 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
                   budget: float = 900.0, max_batches: int | None = None, batch_size: int = 32,
                   threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
                   eval_every: int | None = 500, trajectories: int = 4096, smoke: bool = False,
-                  progress: bool = True, teacher_path: str | Path | None = None) -> dict[str, Any]:
+                  progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False
+                  ) -> dict[str, Any]:
     """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
     ``<out>/<method>/summary.json``).
 
@@ -137,6 +149,7 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         batch_size, threads, seed: training batch, torch threads, seed.
         trajectories: number of teacher trajectories for reflow / AGD.
         smoke: a few batches, small trajectories, no checkpoints / evaluation, exports into ``out``.
+        onnx: also export every student to ONNX (EMA weights, next to its safetensors; ``fewstep run-onnx``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -165,7 +178,7 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
     common = {"batch_size": batch_size, "seed": seed}
     stages: list[dict[str, Any]] = []
     fit = {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "progress": progress, "smoke": smoke,
-           "max_batches": max_batches}
+           "max_batches": max_batches, "onnx": onnx}
     x, y = load_digits_tensors("train")
     if method == "dmd2":
         module = DMD2Distillation(teacher, SHAPE, guidance_scale=CFG, critic_ratio=5, lr=2e-5, critic_lr=1e-4,
@@ -221,6 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
     p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--onnx", action="store_true", help="also export each student to ONNX (EMA weights)")
     return p
 
 
@@ -229,7 +243,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                       max_batches=args.max_batches, batch_size=args.batch_size, threads=args.threads, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                       trajectories=args.trajectories, smoke=args.smoke, progress=not args.no_progress,
-                      teacher_path=args.teacher)
+                      teacher_path=args.teacher, onnx=args.onnx)
     for st in s["stages"]:
         q = st.get("quality") or {}
         extra = f", FD {q['fd']:.2f}, accuracy {q['accuracy']:.3f}" if q else ""

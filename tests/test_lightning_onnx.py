@@ -195,3 +195,26 @@ def test_failed_export_warns_and_saves_the_student_without_a_checkpoint(work, tm
     with torch.no_grad(), ema_weights(module.trainer, module):  # the EMA weights were saved
         torch.testing.assert_close(dit_denoiser(net.eval())(x, sigma, class_labels=y),
                                    module.student(x, sigma, class_labels=y), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_student_onnx_flag_exports_what_it_ships(tmp_path):
+    """``fewstep train-student consistency --onnx`` (smoke): every exported student has an ONNX twin that carries
+    its sigmas and computes what the shipped safetensors compute (loaded back with ``load_student``)."""
+    from fewstep.callbacks.train_students import train_student
+    from fewstep.core.models.students import load_student
+
+    s = train_student("consistency", out=tmp_path, smoke=True, max_batches=2, threads=1, progress=False,
+                      onnx=True, trajectories=64, batch_size=8)
+    files = [f for st in s["stages"] for f in st["files"]]
+    onnx_files = [f for f in files if f.endswith(".onnx")]
+    assert len(onnx_files) == 2  # the 4-step and the 2-step students
+    for f in onnx_files:
+        core, meta = load_student(f.replace(".onnx", ".safetensors"))
+        x, sigma, y = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), \
+            torch.tensor([80.0, 3.0, 0.5]), torch.tensor([0, 5, 9])
+        out, den = _ort(f, x, sigma, y)
+        with torch.no_grad():
+            ref = core(x, sigma, class_labels=y)
+        assert _rel(out, ref) < 1e-4
+        np.testing.assert_allclose(den.meta["sampler"]["sigmas"], meta["sigmas"], rtol=1e-6)

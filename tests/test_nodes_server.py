@@ -37,10 +37,10 @@ EMBEDDED_NODES = {
     "FewstepDigitsModelLoader", "FewstepDigitsClassCondition", "FewstepDigitsEmptyLatent",
     "FewstepDigitsLatentToImage",
 }
-CACHE_NODES: set[str] = set()
-ATTENTION_NODES: set[str] = set()
-GUIDANCE_NODES: set[str] = set()
-ONNX_NODES: set[str] = set()
+CACHE_NODES = {"FewstepStepCache", "FewstepBlockCache", "FewstepCacheCalibrate"}
+ATTENTION_NODES: set[str] = {"FewstepSparseAttention"}
+GUIDANCE_NODES: set[str] = {"FewstepGuidanceAdapterLoader"}
+ONNX_NODES: set[str] = {"FewstepOnnxExport", "FewstepOnnxLoader"}
 FEWSTEP_NODES = SAMPLER_NODES | EMBEDDED_NODES | CACHE_NODES | ATTENTION_NODES | GUIDANCE_NODES | ONNX_NODES
 
 

@@ -97,24 +97,97 @@ def embedded_workflows() -> dict[str, dict]:
             **onnx_workflows()}
 
 
+KARRAS_24 = ("BasicScheduler", {"scheduler": "karras", "steps": 24, "denoise": 1.0})
+
+
 def cache_workflows() -> dict[str, dict]:
-    """Cache nodes (nodes/caches.py) on the embedded model."""
-    return {}
+    """Cache nodes (nodes/caches.py) on the embedded model: the teacher at 24 dpmpp_2m/karras steps with EasyCache
+    on the whole network (about half the model calls skipped) and First-Block-Cache on its blocks."""
+    dpmpp_2m = ("KSamplerSelect", {"sampler_name": "dpmpp_2m"})
+    common = {"forecast": "none", "start_percent": 0.0, "end_percent": 1.0, "max_skips": 0, "calibration": "auto"}
+    step = ("FewstepStepCache", "Step cache (EasyCache)", {"method": "easycache", "threshold": 0.2, **common})
+    block = ("FewstepBlockCache", "Block cache (First-Block-Cache)",
+             {"method": "first_block", "threshold": 0.2, "head_blocks": 1, "interval": 2, "delta_blocks": 0,
+              "boundary": 0.5, **common})
+    return {
+        "fewstep_digits_step_cache": _digits("fewstep_digits_step_cache", 2, 21, dpmpp_2m, KARRAS_24,
+                                             patches=[step]),
+        "fewstep_digits_block_cache": _digits("fewstep_digits_block_cache", 6, 22, dpmpp_2m, KARRAS_24,
+                                              patches=[block]),
+    }
 
 
 def attention_workflows() -> dict[str, dict]:
-    """Sparse-attention node (nodes/attention.py) on the embedded model."""
-    return {}
+    """Sparse-attention node (nodes/attention.py) on the embedded model: 16-token blocks (4x4 tiles of its 8x8
+    token grid), the first 25% of the steps dense."""
+    def sparse(pattern: str, density: float) -> tuple[str, str, dict]:
+        return ("FewstepSparseAttention", f"Sparse attention ({pattern.replace('_', ' ')})",
+                {"pattern": pattern, "density": density, "mass": 0.9, "block_size": 16, "dense_first_percent": 25.0,
+                 "self_attention_only": True, "backend": "auto"})
+
+    return {
+        "fewstep_digits_sparse_attention_sliding_tile": _digits(
+            "fewstep_digits_sparse_attention_sliding_tile", 5, 11,
+            ("FewstepSamplerTeacher", {"sampler_name": "uni_pc"}), KARRAS_8, patches=[sparse("sliding_tile", 0.5)]),
+        "fewstep_digits_sparse_attention_top_k": _digits(
+            "fewstep_digits_sparse_attention_top_k", 6, 12,
+            ("FewstepSamplerTeacher", {"sampler_name": "uni_pc"}), KARRAS_8, patches=[sparse("top_k", 0.5)]),
+    }
+
+
+AGD_ADAPTER = "digits_agd_adapter.safetensors"
 
 
 def guidance_workflows() -> dict[str, dict]:
-    """Guidance-adapter node (nodes/guidance.py) on the embedded model."""
-    return {}
+    """Guidance-adapter node (nodes/guidance.py) on the embedded model: guidance by the shipped AGD adapter, so the
+    guider runs at cfg 1 (one model pass per step)."""
+    return {
+        "fewstep_digits_guidance_adapter": _digits(
+            "fewstep_digits_guidance_adapter", 4, 13, ("FewstepSamplerTeacher", {"sampler_name": "dpmpp_2m"}),
+            KARRAS_8, cfg=1.0,
+            patches=[("FewstepGuidanceAdapterLoader", "Guidance adapter (AGD)",
+                      {"adapter_name": AGD_ADAPTER, "guidance_scale": 2.0})]),
+    }
 
 
 def onnx_workflows() -> dict[str, dict]:
-    """ONNX export / loader nodes (nodes/onnx.py) on the embedded model."""
-    return {}
+    """ONNX export / loader nodes (nodes/onnx.py) on the embedded model: export a digits MODEL to ONNX and sample the
+    written file in the same prompt (the export node's path feeds the loader's ``path`` input, so the file need not
+    exist when the prompt is submitted), on onnxruntime."""
+
+    def exported(name: str, model_name: str, digit: int, seed: int, sampler: tuple[str, dict],
+                 sigmas: tuple[str, dict], export: dict, cfg: float = 1.0, batch: int = 8) -> dict:
+        g, o = Graph(), Graph.out
+        short = model_name.removeprefix("digits_").removeprefix("dit_")
+        torch_model = g.add("FewstepDigitsModelLoader", f"Digits model ({short})", model_name=model_name)
+        sig = g.add(sigmas[0], None, **{"model": o(torch_model), **sigmas[1]})
+        path = g.add("FewstepOnnxExport", "Export to ONNX", model=o(torch_model),
+                     filename_prefix=f"fewstep/onnx/{short}", sigmas=o(sig), **export)
+        model = g.add("FewstepOnnxLoader", "Load the ONNX file", onnx_name="from path input", path=o(path),
+                      guidance_scale=0.0, threads=0)
+        cond = g.add("FewstepDigitsClassCondition", f"Digit {digit}", digit=digit)
+        latent = g.add("FewstepDigitsEmptyLatent", "Empty digits latent", batch_size=batch)
+        guider = g.add("CFGGuider", "CFG guider", model=o(model), positive=o(cond, 0), negative=o(cond, 1), cfg=cfg)
+        noise = g.add("RandomNoise", "Noise", noise_seed=seed)
+        samp = g.add(sampler[0], None, **sampler[1])
+        out = g.add("SamplerCustomAdvanced", "Sample (onnxruntime)", noise=o(noise), guider=o(guider),
+                    sampler=o(samp), sigmas=o(sig, 0), latent_image=o(latent))
+        img = g.add("FewstepDigitsLatentToImage", "Digits to image", samples=o(out, 0), scale=4)
+        g.add("SaveImage", "Save", images=o(img), filename_prefix=f"fewstep/{name}")
+        return g.nodes
+
+    student = ("FewstepTimestepSchedule", {"timesteps": CONSISTENCY_4_STEPS, "unit": "timestep"})
+    return {
+        # the shipped 4-step consistency student, with its distilled timesteps recorded in the file
+        "fewstep_digits_onnx_student": exported(
+            "fewstep_digits_onnx_student", CONSISTENCY_4, 4, 31, ("FewstepSamplerFlowMap", {}), student,
+            {"sampler": "euler", "schedule": "from sigmas input", "steps": 4, "cfg": 1.0, "fp16": False}),
+        # the teacher with classifier-free guidance 2 folded into the graph: one ONNX call per step at cfg 1
+        "fewstep_digits_onnx_teacher_cfg": exported(
+            "fewstep_digits_onnx_teacher_cfg", TEACHER, 5, 32, ("FewstepSamplerTeacher", {"sampler_name": "uni_pc"}),
+            KARRAS_8, {"sampler": "dpmpp_2m", "schedule": "from sigmas input", "steps": 8, "cfg": 2.0,
+                       "fp16": False}),
+    }
 
 
 def sampler_workflows() -> dict[str, dict]:

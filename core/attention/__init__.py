@@ -14,7 +14,7 @@
 from ...kernels.block_mask import BlockSparseMask
 from ...kernels.dispatch import block_sparse_attention
 from .diffusers_processor import SparseAttention, SparseAttnProcessor, apply_sparse_attention, infer_grid
-from .layout import TokenLayout, block_boxes, tile_permutation
+from .layout import TokenLayout, block_boxes, latent_token_grid, tile_permutation
 from .patterns import (
     SlidingTilePattern,
     SparsePattern,
@@ -41,6 +41,7 @@ __all__ = [
     "block_sparse_attention",
     "default_tile",
     "infer_grid",
+    "latent_token_grid",
     "pattern_mask",
     "radius_for_density",
     "sliding_tile_block_mask",

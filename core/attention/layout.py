@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TokenLayout", "block_boxes", "tile_permutation"]
+__all__ = ["TokenLayout", "block_boxes", "latent_token_grid", "tile_permutation"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,23 @@ def block_boxes(layout: TokenLayout, perm: Tensor, block: int) -> tuple[Tensor, 
     glob = torch.zeros(nb * block, dtype=torch.bool)
     glob[:s] = is_global
     return (lo.view(nb, block, -1).amin(1), hi.view(nb, block, -1).amax(1), glob.view(nb, block).any(1))
+
+
+def latent_token_grid(spatial: tuple[int, ...] | list[int], patch: int | tuple[int, ...] | list[int] | None = None
+                      ) -> tuple[int, ...]:
+    """The token grid a patch embedding makes of a latent with spatial size ``spatial`` (``(H, W)`` or
+    ``(T, H, W)``): ``ceil(size / patch)`` per dim (DiTs pad the latent to a multiple of the patch). ``patch`` is an
+    int for every dim, or one per dim (a longer tuple gives its last dims, e.g. Wan's ``(1, 2, 2)``)."""
+    spatial = tuple(int(s) for s in spatial)
+    if not 1 <= len(spatial) <= 3 or min(spatial) < 1:
+        raise ValueError(f"a latent's spatial size has 1 to 3 positive dims, got {spatial}")
+    if patch is None:
+        p: tuple[int, ...] = (1,) * len(spatial)
+    elif isinstance(patch, int):
+        p = (int(patch),) * len(spatial)
+    else:
+        p = tuple(int(x) for x in patch)
+        p = p[-len(spatial):] if len(p) >= len(spatial) else (1,) * (len(spatial) - len(p)) + p
+    if min(p) < 1:
+        raise ValueError(f"patch sizes must be positive, got {patch}")
+    return tuple(-(-s // q) for s, q in zip(spatial, p))

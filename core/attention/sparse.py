@@ -70,15 +70,16 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, la
 
 def sparse_attention_packed(q: Tensor, k: Tensor, v: Tensor, heads: int, pattern: SparsePattern,
                             layout: TokenLayout | None = None, *, skip_reshape: bool = False,
-                            skip_output_reshape: bool = False, **kwargs) -> Tensor:
+                            skip_output_reshape: bool = False, **kwargs) -> Tensor | tuple[Tensor, BlockSparseMask]:
     """``sparse_attention`` with the packed ``(B, S, heads * D)`` layout of ComfyUI's ``optimized_attention``
     functions (``skip_reshape``: inputs already ``(B, H, S, D)``; ``skip_output_reshape``: return ``(B, H, S, D)``).
-    ``kwargs`` go to ``sparse_attention``."""
+    ``kwargs`` go to ``sparse_attention`` (with ``return_mask=True`` the block mask is returned too)."""
     if not skip_reshape:
         b, s, _ = q.shape
         q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = sparse_attention(q, k, v, pattern, layout, **kwargs)
-    if skip_output_reshape:
-        return out
-    b, h, s, d = out.shape
-    return out.transpose(1, 2).reshape(b, s, h * d)
+    result = sparse_attention(q, k, v, pattern, layout, **kwargs)
+    out, mask = result if kwargs.get("return_mask") else (result, None)
+    if not skip_output_reshape:
+        b, h, s, d = out.shape
+        out = out.transpose(1, 2).reshape(b, s, h * d)
+    return (out, mask) if kwargs.get("return_mask") else out

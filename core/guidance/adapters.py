@@ -290,36 +290,73 @@ class GuidanceAdapter(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, base: nn.Module, attach: bool = True) -> GuidanceAdapter:
-        """Load an adapter saved with ``save`` onto ``base``; ``ValueError`` if it was trained for another model."""
-        from safetensors import safe_open
+    def load(cls, path: str | Path, base: nn.Module, attach: bool = True, match: str = "config",
+             base_label: str | None = None) -> GuidanceAdapter:
+        """Load an adapter saved with ``save`` onto ``base``; ``ValueError`` if it was trained for another model.
+
+        ``match`` says how ``base`` is recognised as the adapter's base model:
+
+        - ``"config"``: same class, configuration and parameter shapes (``base_config_hash``); other weights of
+          that architecture only warn;
+        - ``"weights"``: the same weights (``base_weights_hash``: parameter names and per-tensor sums), whatever
+          class holds them, e.g. a ComfyUI port of the diffusers network with the same parameter names. Other
+          weights (another checkpoint, a random init) or another architecture are refused.
+
+        ``base_label`` names ``base`` in error messages (default: its class name).
+        """
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"guidance adapter not found at {path}")
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("fewstep", "{}"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fewstep guidance adapter (format {meta.get('format')!r})")
-        have = base_config_hash(base)
-        if meta["base_config_hash"] != have:
-            raise ValueError(
-                f"guidance adapter {path.name} was trained for base model {meta['base_name']!r} (config hash "
-                f"{meta['base_config_hash']}), but this model ({type(base).__name__}) has config hash {have}: "
-                "load it onto the model it was trained for")
+        meta = adapter_metadata(path)
+        label = base_label or type(base).__name__
+        if match == "config":
+            have = base_config_hash(base)
+            if meta["base_config_hash"] != have:
+                raise ValueError(
+                    f"guidance adapter {path.name} was trained for base model {meta['base_name']!r} (config hash "
+                    f"{meta['base_config_hash']}), but this model ({label}) has config hash {have}: "
+                    "load it onto the model it was trained for")
+        elif match == "weights":
+            have = base_weights_hash(base)
+            if meta.get("base_weights_hash") != have:
+                raise ValueError(
+                    f"guidance adapter {path.name} was trained for base model {meta['base_name']!r} (weights "
+                    f"fingerprint {meta.get('base_weights_hash')}), but this model ({label}) has weights fingerprint "
+                    f"{have}: an adapter only works on the weights it was distilled from; load "
+                    f"{meta['base_name']!r} or train an adapter for this model")
+        else:
+            raise ValueError(f"match must be 'config' or 'weights', got {match!r}")
         adapter = cls(base, rank=meta["rank"], targets=meta["targets"], embed_dim=meta["embed_dim"],
                       hidden=meta["hidden"], zero_at_unit_scale=meta["zero_at_unit_scale"],
                       scale_range=tuple(meta["scale_range"]), base_name=meta["base_name"], attach=False)
         if adapter.target_names != meta["target_names"]:
             raise ValueError(f"guidance adapter {path.name}: layer names differ from the base model's")
         adapter.load_state_dict(load_file(str(path)))
-        if base_weights_hash(base) != meta.get("base_weights_hash"):
+        if match == "config" and base_weights_hash(base) != meta.get("base_weights_hash"):
             import warnings
 
             warnings.warn(f"guidance adapter {path.name} was trained on other weights of the same architecture "
                           f"({meta['base_name']!r}); results may differ", stacklevel=2)
         return adapter.attach() if attach else adapter
+
+
+def adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata ``GuidanceAdapter.save`` wrote into a safetensors file (``ValueError`` if it is not a fewstep
+    guidance adapter, ``FileNotFoundError`` if there is no file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"guidance adapter not found at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fewstep", "{}"))
+    except Exception as e:  # noqa: BLE001 - not a safetensors file at all
+        raise ValueError(f"{path.name} is not a fewstep guidance adapter (cannot read it as safetensors: {e})") \
+            from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path.name} is not a fewstep guidance adapter (format {meta.get('format')!r})")
+    return meta
 
 
 class AdaptedDenoiser(nn.Module):
