@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
-Test helper modules (``comfyui_env``, ``workflow_tools``, ``comfy_tiny_models``, ``distill_tiny``) are plain
-modules next to the tests: this folder is put on ``sys.path`` so tests ``import`` them by name in any import mode.
+Test helper modules (``comfyui_env``, ``comfy_client``, ``workflow_tools``, ``comfy_tiny_models``,
+``distill_tiny``) are plain modules next to the tests: this folder is put on ``sys.path`` so tests ``import`` them
+by name in any import mode.
 
 ``one_thread``: torch on one thread for the module (tiny models are faster and far steadier that way on a shared
 CPU); use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.

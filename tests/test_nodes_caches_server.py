@@ -7,14 +7,11 @@ import json
 
 import pytest
 import test_nodes_server as srv
+from comfy_client import with_inputs as _with
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 
-def _with(graph: dict, class_type: str, **inputs) -> dict:
-    graph = json.loads(json.dumps(graph))
-    next(n for n in graph.values() if n["class_type"] == class_type)["inputs"].update(inputs)
-    return graph
 
 
 def test_bad_cache_settings_fail_their_prompt_and_the_server_keeps_serving(comfy_server):

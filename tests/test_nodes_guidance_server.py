@@ -5,47 +5,21 @@ adapter workflow itself runs in test_nodes_server.py)."""
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import workflow_tools as wt
+from comfy_client import error_message as _error_message
+from comfy_client import run as _run
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKFLOW = "fewstep_digits_guidance_adapter"
 
 
-def _post_prompt(url: str, graph: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
-def _run(url: str, graph: dict, timeout: float = 300) -> dict:
-    code, body = _post_prompt(url, graph)
-    assert code == 200, body
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{url}/history/{body['prompt_id']}", timeout=30) as r:
-            hist = json.load(r)
-        entry = hist.get(body["prompt_id"])
-        if entry and entry["status"].get("completed") is not None:
-            return entry
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {body['prompt_id']} did not finish in {timeout}s")
 
 
-def _error_message(entry: dict) -> str:
-    for kind, data in entry["status"]["messages"]:
-        if kind == "execution_error":
-            return f"{data['node_type']}: {data['exception_message']}"
-    return ""
 
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import workflow_tools as wt  # noqa: E402
+from comfy_client import error_message as _error  # noqa: E402
+from comfy_client import get as _get  # noqa: E402
+from comfy_client import image_bytes as _images  # noqa: E402
+from comfy_client import run as _run  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -24,42 +25,12 @@ TEACHER = Path(wt.REPO_ROOT) / "core" / "models" / "weights" / "digits_dit_teach
 RANDOM_INIT = "digits_dit_random_init"
 
 
-def _get(url: str, timeout: float = 30) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read()
 
 
-def _run(url: str, graph: dict, timeout: float = 300) -> dict:
-    req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            pid = json.load(r)["prompt_id"]
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"prompt rejected: {e.read()[:2000]!r}") from None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        hist = json.loads(_get(f"{url}/history/{pid}"))
-        if pid in hist and hist[pid]["status"].get("completed") is not None:
-            return hist[pid]
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
 
 
-def _error(entry: dict) -> str:
-    for kind, data in entry["status"]["messages"]:
-        if kind == "execution_error":
-            return f"{data['node_type']}: {data['exception_message']}"
-    return ""
 
 
-def _images(url: str, entry: dict) -> list[bytes]:
-    out = []
-    for node_out in entry["outputs"].values():
-        for img in node_out.get("images", []):
-            query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
-            out.append(_get(f"{url}/view?{query}"))
-    return out
 
 
 def _pixels(png: bytes):

@@ -10,7 +10,6 @@ Screenshots go to ``tests/artifacts/`` (git-ignored).
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import urllib.error
@@ -47,6 +46,12 @@ FEWSTEP_NODES = SAMPLER_NODES | EMBEDDED_NODES | CACHE_NODES | ATTENTION_NODES |
 
 
 import workflow_tools as wt  # noqa: E402
+from comfy_client import error_message as _error_message  # noqa: E402
+from comfy_client import get as _get  # noqa: E402
+from comfy_client import images as _images  # noqa: E402
+from comfy_client import post_prompt as _post_prompt  # noqa: E402
+from comfy_client import run as _run  # noqa: E402
+from comfy_client import wait as _wait  # noqa: E402
 
 EMBEDDED = sorted(name for name, graph in wt.embedded_workflows().items())
 
@@ -54,53 +59,16 @@ EMBEDDED = sorted(name for name, graph in wt.embedded_workflows().items())
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _get(url: str, timeout: float = 30) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read()
 
 
-def _post_prompt(url: str, graph: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
-def _wait(url: str, prompt_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        hist = json.loads(_get(f"{url}/history/{prompt_id}"))
-        if prompt_id in hist and hist[prompt_id]["status"].get("completed") is not None:
-            return hist[prompt_id]
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
 
 
-def _run(url: str, graph: dict, timeout: float = 300) -> dict:
-    code, body = _post_prompt(url, graph)
-    assert code == 200, body
-    return _wait(url, body["prompt_id"], timeout)
 
 
-def _error_message(entry: dict) -> str:
-    for kind, data in entry["status"]["messages"]:
-        if kind == "execution_error":
-            return f"{data['node_type']}: {data['exception_message']}"
-    return ""
 
 
-def _images(url: str, entry: dict) -> list:
-    from PIL import Image
-
-    out = []
-    for node_out in entry["outputs"].values():
-        for img in node_out.get("images", []):
-            query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
-            out.append(Image.open(io.BytesIO(_get(f"{url}/view?{query}"))).convert("L"))
-    return out
 
 
 def _digits_from_images(images: list, scale: int) -> torch.Tensor:
