@@ -417,6 +417,10 @@ def _make_ui(url: str, thumbs: dict[str, list[Path]]) -> None:
 
 
 def _main(argv: list[str]) -> int:
+    unknown = [a for a in argv if a.startswith("-") and a not in ("--api-only", "--ui-only")]
+    if unknown or ("--ui-only" in argv and argv.index("--ui-only") + 1 >= len(argv)):
+        print(__doc__)
+        return 0 if set(unknown) <= {"-h", "--help"} else 2
     paths = write_api()
     print(f"wrote {len(paths)} API workflows to {API_DIR}")
     if "--api-only" in argv:
