@@ -36,6 +36,26 @@ def parse_numbers(text: str, what: str) -> list[float]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- model folders
+
+
+def register_model_folder(name: str, subdir: str, extensions: set[str]) -> None:
+    """Register ``models/<subdir>`` as ComfyUI model folder ``name`` listing ``extensions`` (idempotent; more
+    folders can be added with ComfyUI's ``extra_model_paths.yaml``)."""
+    import os
+
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, subdir)
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([path], set(extensions))
+    else:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        if path not in paths:
+            paths.append(path)
+        exts.update(extensions)
+
+
 # ----------------------------------------------------------------------------------- model as a denoiser
 
 

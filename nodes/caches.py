@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from ..core.cache import (
     save_calibration,
 )
 from ..core.cache.policy import CacheConfigError, sigma_value
-from ._comfy import make_guider, model_sampling_of
+from ._comfy import make_guider, model_sampling_of, register_model_folder
 
 CATEGORY = "fewstep/caches"
 CALIBRATION_FOLDER = "fewstep_cache_calibrations"
@@ -96,9 +95,7 @@ log = logging.getLogger("fewstep")
 
 def register_calibration_folder() -> None:
     """Register ``models/fewstep_cache_calibrations`` with ComfyUI's ``folder_paths`` (idempotent)."""
-    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)], {".json"})
+    register_model_folder(CALIBRATION_FOLDER, CALIBRATION_FOLDER, {".json"})
 
 
 register_calibration_folder()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from ..core.guidance.adapters import FORMAT, GuidanceAdapter, adapter_metadata
 from ..core.models.embedded import WEIGHTS_DIR
+from ._comfy import register_model_folder
 from .embedded_model import TEACHER_NAME, DigitsDiT
 
 CATEGORY = "fewstep/guidance"
@@ -47,11 +47,7 @@ log = logging.getLogger("fewstep")
 
 def register_adapter_folder() -> None:
     """Register ComfyUI's ``models/fewstep_adapters`` folder (``.safetensors``) with ``folder_paths``."""
-    import folder_paths
-
-    if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], {".safetensors"})
+    register_model_folder(ADAPTER_FOLDER, ADAPTER_FOLDER, {".safetensors"})
 
 
 def _is_adapter(path: Path) -> bool:

@@ -20,7 +20,6 @@ prompt is submitted); it only accepts files inside those folders.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 from ..core.export import metadata as md
 from ..core.models.embedded import TEACHER_CONFIG
+from ._comfy import register_model_folder
 from .embedded_model import COMFY_BETA_SCHEDULE, DigitsDiT, DigitsLatentFormat
 
 CATEGORY = "fewstep/onnx"
@@ -47,7 +47,7 @@ OUTPUT_TAG = " [output]"
 FROM_SIGMAS = "from sigmas input"
 FROM_PATH = "from path input"
 
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, "onnx"))
+register_model_folder(FOLDER, "onnx", {".onnx"})
 
 
 # ---------------------------------------------------------------------------------------------- model sampling
