@@ -5,43 +5,74 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from .core.checks import finite_float, nonneg_int, positive_int
+
+
+def _opset(text: str) -> int:
+    """argparse type for ``--opset``: an opset the exporter writes (``core.checks.check_opset``)."""
+    from .core.checks import check_opset
+
+    v = nonneg_int(text)
+    try:
+        return int(check_opset(v))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_report_folder(out: str, overwrite: bool) -> None:
+    """Refuse a folder that already holds a report unless ``--overwrite`` (before any sampling)."""
+    from .core.io import check_writable_dir
+
+    d = check_writable_dir(out)
+    if (d / "report.json").exists() and not overwrite:
+        raise FileExistsError(f"{d} already holds a report (report.json); pass --overwrite to replace it "
+                              "(or choose another --out)")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .core.io import output_lock
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, per_class=args.per_class, seed=args.seed, quick=args.quick)
+    _check_report_folder(args.out, args.overwrite)
+    with output_lock(args.out, "demo"):
+        run_demo(out_dir=args.out, per_class=args.per_class, seed=args.seed, quick=args.quick)
     return 0
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
+    from .core.io import check_new_file, check_writable_dir, output_lock
     from .core.models.train_teacher import train_teacher
 
-    path = train_teacher(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    out = check_new_file(args.out, args.overwrite)
+    check_writable_dir(out.parent)
+    with output_lock(out.parent, "train-teacher"):
+        path = train_teacher(out=out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     print(f"teacher written to {path}")
     return 0
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
+    from .core.io import check_new_file, check_writable_dir
     from .core.metrics.train_classifier import train_classifier
 
-    train_classifier(args.out, seed=args.seed) if args.out else train_classifier(seed=args.seed)
+    out = check_new_file(args.out, args.overwrite)
+    check_writable_dir(out.parent)
+    train_classifier(out, seed=args.seed)
+    print(f"classifier written to {out}")
     return 0
 
 
 def _search_schedule(args: argparse.Namespace) -> int:
-    import json
-    import os
-
     from .core.evaluate import search_embedded_schedules
-    from .core.models.embedded import WEIGHTS_DIR, load_teacher
+    from .core.io import check_new_file, check_writable_dir, write_json
+    from .core.models.embedded import load_teacher
 
+    out = check_new_file(args.out, args.overwrite)
+    check_writable_dir(out.parent)
     rows = search_embedded_schedules(load_teacher(), args.nfe, sampler=args.sampler, cfg=args.cfg)
-    out = args.out or str(WEIGHTS_DIR / "digits_dit_teacher_schedules.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"model": "digits-dit-teacher", "schedules": rows}, f, indent=2)
-    os.replace(tmp, out)
+    write_json(out, {"model": "digits-dit-teacher", "schedules": rows})
     for r in rows:
         print(f"{r['sampler']} NFE {r['nfe']}: sigmas {[round(s, 3) for s in r['sigmas']]}")
     print(f"wrote {out}")
@@ -117,7 +148,10 @@ def _export_model(spec: str, random_weights: bool):
 
 def _export(args: argparse.Namespace) -> int:
     from .core.export.exporter import export_onnx
+    from .core.io import check_new_file, check_writable_dir
 
+    out = check_new_file(args.out, args.overwrite)
+    check_writable_dir(out.parent)
     den, recipe = _export_model(args.model, args.random_weights)
     if args.cfg is not None:
         from .core.guidance.cfg import CFGDenoiser
@@ -132,7 +166,8 @@ def _export(args: argparse.Namespace) -> int:
     res = export_onnx(den, args.out, fp16=args.fp16, sampler=args.sampler or recipe.get("sampler"),
                       schedule=args.schedule, steps=args.steps, timesteps=timesteps, sigmas=sigmas,
                       dynamic_resolution=False if args.static_resolution else None,
-                      external_data=True if args.external_data else None, opset=args.opset)
+                      external_data=True if args.external_data else None, opset=args.opset,
+                      overwrite=args.overwrite)
     m = res.metadata
     err = "not verified" if res.max_rel_error is None else f"max relative error vs torch {res.max_rel_error:.1e}"
     print(f"wrote {res.path} ({m['precision']}, {m['sampler']['name']} {m['sampler']['steps']} steps "
@@ -146,7 +181,10 @@ def _run_onnx(args: argparse.Namespace) -> int:
     import time
 
     from .core.export.runtime import OnnxDenoiser, generate, grid_uint8
+    from .core.io import atomic_path, check_new_file, check_writable_dir
 
+    out = check_new_file(args.output, args.overwrite)
+    check_writable_dir(out.parent)  # before sampling: an unwritable output is found now, not after the work
     model = OnnxDenoiser(args.model, providers=["CPUExecutionProvider"] if args.cpu else None, threads=args.threads)
     labels = None
     if args.class_label is not None:
@@ -160,7 +198,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
                          "channels (latents): use fewstep.core.export.runtime.generate and your decoder")
     from PIL import Image
 
-    Image.fromarray(grid_uint8(x, nrow=args.nrow)).save(args.output)
+    with atomic_path(out, args.overwrite) as tmp:
+        Image.fromarray(grid_uint8(x, nrow=args.nrow)).save(tmp)
     sm = model.meta["sampler"]
     print(f"wrote {args.output}: {len(x)} samples, {args.sampler or sm['name']} "
           f"{args.steps or sm['steps']} steps on {model.providers[0]} in {secs:.2f} s")
@@ -173,29 +212,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="sample the embedded teacher with several samplers and write a report")
     d.add_argument("--out", default="fewstep-report", help="report folder (default: ./fewstep-report)")
-    d.add_argument("--per-class", type=int, default=36,
+    d.add_argument("--per-class", type=positive_int, default=36,
                    help="samples per digit class (36 -> 360, the size of the real-vs-real FD floor)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=nonneg_int, default=0)
     d.add_argument("--quick", action="store_true", help="fewer settings and samples (a smoke run)")
+    d.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     d.set_defaults(fn=_demo)
 
     t = sub.add_parser("train-teacher", help="train the embedded digits DiT teacher (resumable)")
-    t.add_argument("--out", default=None, help="weights path (default: the package's shipped location)")
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=str(Path("fewstep-teacher") / "digits_dit_teacher.safetensors"),
+                   help="weights path (default: ./fewstep-teacher/digits_dit_teacher.safetensors; never the "
+                        "package's shipped weights)")
+    t.add_argument("--steps", type=positive_int, default=4000)
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--seed", type=nonneg_int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.set_defaults(fn=_train_teacher)
 
     c = sub.add_parser("train-classifier", help="train the digits feature network used by the metrics")
-    c.add_argument("--out", default=None)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=str(Path("fewstep-classifier") / "digits_classifier.safetensors"),
+                   help="weights path (default: ./fewstep-classifier/digits_classifier.safetensors)")
+    c.add_argument("--seed", type=nonneg_int, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c.set_defaults(fn=_train_classifier)
 
     s = sub.add_parser("search-schedule", help="search step schedules for the embedded teacher and ship them")
-    s.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8])
+    s.add_argument("--nfe", type=positive_int, nargs="+", default=[4, 6, 8])
     s.add_argument("--sampler", default="dpmpp_2m")
-    s.add_argument("--cfg", type=float, default=1.25)
-    s.add_argument("--out", default=None)
+    s.add_argument("--cfg", type=finite_float, default=1.25)
+    s.add_argument("--out", default="digits_dit_teacher_schedules.json",
+                   help="output JSON (default: ./digits_dit_teacher_schedules.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.set_defaults(fn=_search_schedule)
 
     ts = sub.add_parser("train-student", add_help=False,
@@ -213,34 +260,39 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusers model folder")
     e.add_argument("out", help="output .onnx file")
     e.add_argument("--fp16", action="store_true", help="fp16 graph (softmax/normalisation kept in fp32)")
-    e.add_argument("--cfg", type=float, default=None, help="fold classifier-free guidance (default scale W) into "
-                                                           "the graph: one pass per step, scale is an input")
-    e.add_argument("--null", type=int, default=None, help="null class id for --cfg (default: the DiT's extra row)")
+    e.add_argument("--cfg", type=finite_float, default=None,
+                   help="fold classifier-free guidance (default scale W) into the graph: one pass per step, scale is "
+                        "an input")
+    e.add_argument("--null", type=nonneg_int, default=None,
+                   help="null class id for --cfg (default: the DiT's extra row)")
     e.add_argument("--sampler", default=None, help="default sampler stored in the file (euler, dpmpp_2m, lcm, dmd, "
                                                    "flow_map, onestep)")
     e.add_argument("--schedule", default=None, help="default schedule (karras, simple, uniform, ...)")
-    e.add_argument("--steps", type=int, default=None, help="default number of steps (8)")
+    e.add_argument("--steps", type=positive_int, default=None, help="default number of steps (8)")
     e.add_argument("--timesteps", default=None, help="fixed student timesteps, e.g. 999,749,499,249")
     e.add_argument("--static-resolution", action="store_true", help="do not make height/width dynamic")
     e.add_argument("--external-data", action="store_true", help="weights in <out>.data (automatic above 2 GB)")
-    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--opset", type=_opset, default=None, help="ONNX opset (18 or newer; default: the exporter's)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument("--random-weights", action="store_true", help="export the teacher architecture untrained when "
                                                                   "its weights are missing")
     e.set_defaults(fn=_export)
 
     r = sub.add_parser("run-onnx", help="sample an exported model with onnxruntime only (no torch) to a PNG grid")
     r.add_argument("model", help="a .onnx file written by `fewstep export`")
-    r.add_argument("--class", dest="class_label", type=int, default=None, help="class id (default: one per class)")
-    r.add_argument("--n", type=int, default=8, help="samples when --class is given (default 8)")
-    r.add_argument("--steps", type=int, default=None, help="steps (default: the exported recipe)")
+    r.add_argument("--class", dest="class_label", type=nonneg_int, default=None,
+                   help="class id (default: one per class)")
+    r.add_argument("--n", type=positive_int, default=8, help="samples when --class is given (default 8)")
+    r.add_argument("--steps", type=positive_int, default=None, help="steps (default: the exported recipe)")
     r.add_argument("--sampler", default=None)
     r.add_argument("--schedule", default=None)
-    r.add_argument("--cfg", type=float, default=None, help="guidance scale (graphs with a guidance input)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--nrow", type=int, default=8)
+    r.add_argument("--cfg", type=finite_float, default=None, help="guidance scale (graphs with a guidance input)")
+    r.add_argument("--seed", type=nonneg_int, default=0)
+    r.add_argument("--nrow", type=positive_int, default=8)
     r.add_argument("--cpu", action="store_true", help="CPU execution provider even when CUDA is available")
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--threads", type=positive_int, default=None)
     r.add_argument("-o", "--output", default="grid.png")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     r.set_defaults(fn=_run_onnx)
     return p
 
@@ -256,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        if type(e) is RuntimeError:  # a bug, not a user error: keep the traceback
+            raise
         print(f"fewstep {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -65,6 +65,11 @@ def student_settings(quick: bool = False) -> list[Setting]:
 
 
 def run_demo(out_dir: str | Path = "fewstep-report", per_class: int = 36, seed: int = 0, quick: bool = False) -> Path:
+    from .core.checks import check_positive_int
+    from .core.io import check_writable_dir
+
+    check_positive_int("per_class", per_class)
+    check_writable_dir(out_dir)  # before the sampling: an unwritable folder is found now
     t0 = time.time()
     torch.manual_seed(seed)
     try:

@@ -49,6 +49,7 @@ from fewstep.core.models.digits import NULL_CLASS, NUM_CLASSES
 from fewstep.core.models.embedded import load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 
+from ..core import io
 from .common import RESULTS, machine, write_json
 
 Factory = Callable[[], ResidualCache]
@@ -348,7 +349,8 @@ def plot(result: dict, path) -> None:
     axes[2].set(xlabel="wall-time speed-up", ylabel="class accuracy", title="class accuracy")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

@@ -41,6 +41,7 @@ from fewstep.core.metrics.quality import evaluate_samples
 from fewstep.core.models.digits import NUM_CLASSES
 from fewstep.core.models.embedded import TEACHER_CFG
 
+from ..core import io
 from .common import RESULTS, machine, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -293,7 +294,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].set(xlabel="wall-time speed-up vs the uncached run", ylabel="FD", title="caches in ComfyUI")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..core import io
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,7 +25,4 @@ def write_json(obj: Any, name: str, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
+    return io.write_json(path, obj)

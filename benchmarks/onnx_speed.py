@@ -29,6 +29,7 @@ from fewstep.core.guidance import CFGDenoiser
 from fewstep.core.models.embedded import build_dit, dit_denoiser, load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 
+from ..core import io
 from .common import machine, write_json
 
 
@@ -205,7 +206,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("torch / onnxruntime")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

@@ -16,6 +16,7 @@ from fewstep.core.metrics.sliced import sliced_wasserstein
 from fewstep.core.models import DiscreteVP, GaussianMixtureDenoiser, toy_mixture
 from fewstep.core.sampling import NFE, fine_solution, get_sampler, get_sigmas, search_schedule
 
+from ..core import io
 from .common import machine, write_json
 
 SAMPLERS = ["euler", "heun", "dpmpp_2m", "uni_pc", "euler_ancestral", "lcm", "tcd", "dmd", "onestep"]
@@ -85,7 +86,8 @@ def plot(result: dict, path) -> None:
     axes[1].set(xlabel="NFE", ylabel="sliced Wasserstein to data", title="distribution error")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

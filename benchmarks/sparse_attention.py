@@ -42,6 +42,7 @@ from fewstep.kernels import BlockSparseMask, dense_masked_attention
 from fewstep.kernels.flex import flex_block_sparse_attention
 from fewstep.kernels.triton_block_sparse import triton_block_sparse_attention, triton_unsupported_reason
 
+from ..core import io
 from .common import RESULTS, machine, write_json
 
 __all__ = ["kernel_benchmark", "main", "plot", "quality_benchmark", "random_block_mask"]
@@ -238,7 +239,8 @@ def plot(result: dict[str, Any], path) -> None:
                    title=f"kernels on {kr['device']} ({kr['dtype']})")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

@@ -2,11 +2,13 @@
 
 Modules: ``DMD2Distillation``, ``ConsistencyDistillation``, ``ReflowDistillation``,
 ``GuidanceAdapterDistillation``. Callbacks: ``StudentEMA``, ``SampleGrid``, ``QualityEval``, ``StudentExport``,
-``DivergenceGuard``. Run them with a stock ``lightning.Trainer``; see ``callbacks/train_students.py`` for the
-shipped students of the embedded teacher.
+``DivergenceGuard``; ``SafeCheckpointIO`` (atomic checkpoints, resume falls back to the previous one). Run them
+with a stock ``lightning.Trainer``; see ``callbacks/train_students.py`` for the shipped students of the embedded
+teacher.
 """
 
 from .base import DistillationModule, ticker_dataloader
+from .checkpoint_io import SafeCheckpointIO
 from .consistency import ConsistencyDistillation
 from .dmd2 import DMD2Distillation, dmd2_optimizer_steps
 from .ema import StudentEMA
@@ -19,6 +21,6 @@ from .reflow import ReflowDistillation
 __all__ = [
     "ConsistencyDistillation", "DMD2Distillation", "DistillationModule", "DivergenceError", "DivergenceGuard",
     "GuidanceAdapterDistillation", "QualityEval", "ReflowDistillation", "SampleGrid", "StudentEMA", "StudentExport",
-    "OnnxExport", "OnnxExportError",
+    "OnnxExport", "OnnxExportError", "SafeCheckpointIO",
     "dmd2_optimizer_steps", "ticker_dataloader",
 ]

@@ -19,8 +19,6 @@ What every method shares:
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -359,14 +357,6 @@ class DistillationModule(L.LightningModule):
 
 
 def _save_atomic(state: dict[str, Tensor], path: Path, meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
+    from ..core.io import save_safetensors
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(meta, default=str)})
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, side)
-    return path
+    return save_safetensors(state, path, meta)

@@ -7,7 +7,6 @@ sample with ``pl_module.generate_samples`` (the student's own sampler and sigmas
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..core.io import atomic_path
 from .ema import ema_weights
 
 
@@ -72,9 +72,8 @@ class SampleGrid(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         step = int(getattr(pl_module, "batches_seen", trainer.global_step))
         path = self.dirpath / f"{self.name}_{step:06d}.png"
-        tmp = path.with_name(path.name + ".tmp.png")
-        img.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            img.save(tmp)
         self.written.append(path)
         _log_image(trainer, f"{self.name}", np.asarray(img), step)
         return path

@@ -108,7 +108,7 @@ class OnnxExport(Callback):
         if not best or not Path(best).is_file():
             raise FileNotFoundError(f"weights='best': the ModelCheckpoint wrote no best checkpoint (best_model_path="
                                     f"{best!r}); was its monitor {getattr(ck, 'monitor', None)!r} ever logged?")
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        state = _load_state_dict(Path(best))
         live = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         with torch.no_grad():
             pl_module.load_state_dict(state, strict=False)
@@ -213,3 +213,14 @@ class OnnxExport(Callback):
         if self.on_error == "raise":
             raise OnnxExportError(msg) from self.error
         log.error(msg)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, read with ``torch.load(weights_only=True)`` (no pickle code
+    runs); a torn checkpoint falls back to ``<path>.prev`` (``core.io.load_with_fallback``)."""
+    from ..core.io import load_with_fallback
+
+    ckpt, _ = load_with_fallback(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "checkpoint")
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt["state_dict"]

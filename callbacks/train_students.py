@@ -13,7 +13,10 @@
 
 Each stage runs a stock ``lightning.Trainer`` with ``max_time`` = its share of the budget, checkpoints every
 ``--checkpoint-every`` batches into ``--out`` and resumes from its last checkpoint when run again; the EMA student is
-exported to ``--export-dir`` (default: the package's weights folder, next to the teacher). Teacher trajectories are
+exported to ``--export-dir`` (default: ``<out>/<method>/export``; the package's shipped weights are never written,
+and existing files in an explicit ``--export-dir`` are replaced only with ``--overwrite``). Checkpoints are written
+atomically and the previous one is kept (``callbacks.checkpoint_io``); a second run into the same ``--out`` folder
+is refused while the first holds its lock. Teacher trajectories are
 generated once into ``--out`` (resumable too; their time counts against the budget the first time).
 ``train_student`` is the function behind ``fewstep train-student``.
 """
@@ -21,7 +24,6 @@ generated once into ``--out`` (resumable too; their time counts against the budg
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..core.checks import nonneg_int, positive_float, positive_int
 from ..core.models.embedded import TEACHER_CFG
 
 METHODS = ("dmd2", "consistency", "reflow", "agd")
@@ -82,7 +85,15 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from . import DivergenceGuard, QualityEval, SampleGrid, StudentEMA, StudentExport, dmd2_optimizer_steps
+    from . import (
+        DivergenceGuard,
+        QualityEval,
+        SafeCheckpointIO,
+        SampleGrid,
+        StudentEMA,
+        StudentExport,
+        dmd2_optimizer_steps,
+    )
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
@@ -111,7 +122,7 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_time=timedelta(seconds=budget_s),
                         callbacks=callbacks, logger=CSVLogger(stage_dir, name="logs") if not smoke else False,
                         enable_checkpointing=ckpt is not None, enable_progress_bar=progress,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_model_summary=False, num_sanity_val_steps=0, plugins=[SafeCheckpointIO()])
     last = stage_dir / "checkpoints" / "last.ckpt"
     t0 = time.perf_counter()
     trainer.fit(module, ckpt_path=str(last) if (ckpt is not None and last.exists()) else None)
@@ -135,36 +146,79 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
                   budget: float = 900.0, max_batches: int | None = None, batch_size: int = 32,
                   threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
                   eval_every: int | None = 500, trajectories: int = 4096, smoke: bool = False,
-                  progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False
-                  ) -> dict[str, Any]:
+                  progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
     ``<out>/<method>/summary.json``).
 
     Args:
         method: ``dmd2``, ``consistency``, ``reflow`` or ``agd``.
         out: working folder (checkpoints, logs, grids, trajectories).
-        export_dir: where the students are exported (default: ``fewstep/core/models/weights``).
+        export_dir: where the students are exported (default: ``<out>/<method>/export``; never the package).
         budget: CPU seconds for the whole method (trajectory generation + all stages).
         max_batches: cap on batches per stage (smoke runs); the time budget still applies.
         batch_size, threads, seed: training batch, torch threads, seed.
         trajectories: number of teacher trajectories for reflow / AGD.
         smoke: a few batches, small trajectories, no checkpoints / evaluation, exports into ``out``.
         onnx: also export every student to ONNX (EMA weights, next to its safetensors; ``fewstep run-onnx``).
+        overwrite: replace existing students in an explicit ``export_dir`` (else ``FileExistsError`` up front).
     """
+    _check_arguments(method, budget, max_batches, batch_size, checkpoint_every, eval_every, trajectories)
+    out = Path(out) / method
+    export_dir = _export_dir(method, out, export_dir, overwrite, onnx)
+    from ..core.io import output_lock
+
+    with output_lock(out, "train-student"):
+        return _train_student(method, out, export_dir, budget, max_batches, batch_size, threads, seed,
+                              checkpoint_every, eval_every, trajectories, smoke, progress, teacher_path, onnx)
+
+
+def _check_arguments(method: str, budget: float, max_batches: int | None, batch_size: int, checkpoint_every: int,
+                     eval_every: int | None, trajectories: int) -> None:
+    """Every argument of ``train_student`` checked before any work (names the value and the allowed range)."""
+    import math
+
+    from ..core.checks import check_positive_int
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if budget <= 0:
-        raise ValueError(f"budget must be > 0 seconds, got {budget}")
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number of seconds > 0, got {budget!r}")
+    for name, v in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                    ("trajectories", trajectories)):
+        check_positive_int(name, v)
+    for name, v in (("max_batches", max_batches), ("eval_every", eval_every)):
+        if v is not None:
+            check_positive_int(name, v)
+
+
+def _export_dir(method: str, out: Path, export_dir: str | Path | None, overwrite: bool, onnx: bool) -> Path:
+    """The export folder: ``<out>/export`` by default (the run's own folder: resuming replaces its files), else the
+    user's folder, where existing students are replaced only with ``overwrite``; never the package's weights."""
+    from ..core.io import check_new_file, check_not_shipped, check_writable_dir
+
+    if export_dir is None:
+        return check_writable_dir(out / "export")
+    d = check_writable_dir(check_not_shipped(export_dir))
+    for name in SHIPPED[method]:
+        check_new_file(d / name, overwrite)
+        if onnx:
+            check_new_file((d / name).with_suffix(".onnx"), overwrite)
+    return d
+
+
+def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_batches: int | None,
+                   batch_size: int, threads: int | None, seed: int, checkpoint_every: int, eval_every: int | None,
+                   trajectories: int, smoke: bool, progress: bool, teacher_path: str | Path | None,
+                   onnx: bool) -> dict[str, Any]:
     _quiet()
     if threads:
         torch.set_num_threads(int(threads))
     from ..core.models.digits import load_digits_tensors
-    from ..core.models.embedded import WEIGHTS_DIR, load_teacher
+    from ..core.models.embedded import load_teacher
     from ..core.models.students import load_student
     from . import ConsistencyDistillation, DMD2Distillation, GuidanceAdapterDistillation, ReflowDistillation
 
-    out = Path(out) / method
-    export_dir = Path(export_dir) if export_dir is not None else (out / "export" if smoke else WEIGHTS_DIR)
     if smoke:
         max_batches = max_batches or 6
         trajectories = min(trajectories, 64)
@@ -211,26 +265,28 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0], **fit))
     summary = {"method": method, "budget_seconds": budget, "seconds": round(time.perf_counter() - t_start, 1),
                "threads": torch.get_num_threads(), "smoke": smoke, "stages": stages}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    from ..core.io import write_json
+
+    write_json(out / "summary.json", summary, default=str)
     return summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``train-student`` arguments (shared by this module's CLI and ``fewstep train-student``)."""
     p.add_argument("method", choices=METHODS)
-    p.add_argument("--budget", type=float, default=900.0, help="CPU seconds for the whole method (default 900)")
+    p.add_argument("--budget", type=positive_float, default=900.0,
+                   help="CPU seconds for the whole method (default 900)")
     p.add_argument("--out", default="fewstep-students", help="working folder (checkpoints, logs, trajectories)")
-    p.add_argument("--export-dir", default=None, help="where students are written (default: the package weights)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=None, help="cap on batches per stage")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
-    p.add_argument("--eval-every", type=int, default=500, help="batches between quality evaluations")
-    p.add_argument("--trajectories", type=int, default=4096, help="teacher trajectories (reflow, agd)")
+    p.add_argument("--export-dir", default=None,
+                   help="where students are written (default: <out>/<method>/export; never the package)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing students in --export-dir")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-batches", type=positive_int, default=None, help="cap on batches per stage")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="batches between checkpoints")
+    p.add_argument("--eval-every", type=positive_int, default=500, help="batches between quality evaluations")
+    p.add_argument("--trajectories", type=positive_int, default=4096, help="teacher trajectories (reflow, agd)")
     p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
     p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
     p.add_argument("--no-progress", action="store_true")
@@ -243,7 +299,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                       max_batches=args.max_batches, batch_size=args.batch_size, threads=args.threads, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                       trajectories=args.trajectories, smoke=args.smoke, progress=not args.no_progress,
-                      teacher_path=args.teacher, onnx=args.onnx)
+                      teacher_path=args.teacher, onnx=args.onnx, overwrite=args.overwrite)
     for st in s["stages"]:
         q = st.get("quality") or {}
         extra = f", FD {q['fd']:.2f}, accuracy {q['accuracy']:.3f}" if q else ""

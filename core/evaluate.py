@@ -9,7 +9,6 @@ Speed-ups are wall-time ratios against the first (baseline) setting measured in 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .guidance.cfg import CFGDenoiser
+from .io import atomic_path, write_text
 from .models.digits import NULL_CLASS, NUM_CLASSES
 from .sampling.samplers import get_sampler
 from .sampling.schedules import get_sigmas
@@ -125,9 +125,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def write_report(rows: list[dict[str, Any]], images: dict[str, Tensor], out_dir: str | Path,
@@ -141,7 +139,8 @@ def write_report(rows: list[dict[str, Any]], images: dict[str, Tensor], out_dir:
         per_class = len(imgs) // NUM_CLASSES
         k = min(per_row, per_class)
         pick = torch.cat([imgs[c * per_class: c * per_class + k] for c in range(NUM_CLASSES)])
-        to_uint8_grid(pick, nrow=k).save(out / f"grid_{_slug(name)}.png")
+        with atomic_path(out / f"grid_{_slug(name)}.png") as tmp:
+            to_uint8_grid(pick, nrow=k).save(tmp)
     write_text_atomic(out / "report.json", json.dumps({"rows": rows, **(extra or {})}, indent=2))
     md = "# fewstep demo report\n\n" + markdown_table(rows)
     if extra and extra.get("floors"):
@@ -178,7 +177,8 @@ def plot_quality(rows: list[dict[str, Any]], path: Path, floors: dict | None = N
                 title="quality vs speed-up")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from .distill import (
     sample_scales,
 )
 from .guidance.scaled import ScaledCFGDenoiser
+from .io import read_json, write_json
 from .sampling.samplers import get_sampler
 from .sampling.schedules import check_sigmas, get_sigmas
 
@@ -55,11 +55,9 @@ def _shard_ok(path: Path, config_hash: str) -> bool:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from .io import save_safetensors
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, sidecar=False, header=metadata)
 
 
 def generate_trajectories(
@@ -124,15 +122,13 @@ def generate_trajectories(
     config_hash = _json_hash(manifest)
     man_path = out / "manifest.json"
     if man_path.exists():
-        old = json.loads(man_path.read_text())
+        old = read_json(man_path)
         if old.get("config_hash") != config_hash:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
             raise ValueError(f"{out} holds trajectories of another configuration (differs in {diff}); "
                              "delete the folder or choose another out_dir")
     else:
-        tmp = man_path.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps({**manifest, "config_hash": config_hash}, indent=2))
-        os.replace(tmp, man_path)
+        write_json(man_path, {**manifest, "config_hash": config_hash})
 
     model = ScaledCFGDenoiser(teacher, cond_key=cond_key, null=null)
     sample = get_sampler(sampler)

@@ -299,18 +299,18 @@ def _rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((a - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-12))
 
 
-def _save(proto: Any, path: Path, external_data: bool | None) -> bool:
+def _save(proto: Any, path: Path, external_data: bool | None, overwrite: bool = True) -> bool:
+    """Save and check ``proto`` at ``path`` atomically (``atomic.atomic_onnx_path``); True if external data."""
     import onnx
+
+    from ..io import atomic_file_set as atomic_onnx_path
 
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()  # onnx appends to an existing external-data file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    onnx.checker.check_model(str(path), full_check=True)
+    with atomic_onnx_path(path, overwrite) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=tmp.name + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(tmp), full_check=True)
     return external
 
 
@@ -337,6 +337,7 @@ def export_onnx(
     opset: int | None = None,
     verify: bool = True,
     name: str | None = None,
+    overwrite: bool = True,
 ) -> ExportResult:
     """Export a fewstep denoiser's network to ONNX with fewstep metadata; check it with ``onnx.checker``.
 
@@ -365,10 +366,18 @@ def export_onnx(
         opset: ONNX opset (default: the exporter's).
         verify: run the exported graph on onnxruntime (CPU) and compare with torch on the example.
         name: model name stored in the metadata (default: the denoiser's name).
+        overwrite: replace an existing ``path`` (``False``: ``FileExistsError`` before any work). The file is
+            written atomically either way (``core.io.atomic_file_set``): a failed export leaves the old one intact.
     """
     import onnx
 
-    path = Path(path)
+    from ..checks import check_opset, check_positive_int
+    from ..io import check_new_file
+
+    path = check_new_file(path, overwrite)
+    check_opset(opset)
+    if steps is not None:
+        check_positive_int("steps", steps)
     den, cfg, adapted = _unwrap(denoiser)
     module, ms = den.model, den.model_sampling
     if not hasattr(ms, "config"):
@@ -548,7 +557,7 @@ def export_onnx(
                 notes.append(f"onnxruntime differs from torch by {err:.2e} (relative) on the example")
                 warnings.warn(f"fewstep export: onnxruntime differs from torch by {err:.2e} (relative; tolerance "
                               f"{tol:g})", stacklevel=2)
-    external = _save(proto, path, external_data)
+    external = _save(proto, path, external_data, overwrite)
     if external:
         notes.append(f"weights in {path.name}.data (external data)")
     return ExportResult(path=path, metadata=meta, max_rel_error=err, notes=notes)

@@ -229,10 +229,10 @@ def convert_file_to_fp16(src: str | Path, dst: str | Path, external_data: bool |
     dst = Path(dst)
     size = sum(t.ByteSize() for t in out.graph.initializer)
     external = size > 1_800_000_000 if external_data is None else bool(external_data)
-    data = dst.with_name(dst.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save_model(out, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    onnx.checker.check_model(str(dst), full_check=True)
+    from ..io import atomic_file_set as atomic_onnx_path
+
+    with atomic_onnx_path(dst) as tmp:
+        onnx.save_model(out, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=tmp.name + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(tmp), full_check=True)
     return meta

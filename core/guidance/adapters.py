@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -274,20 +273,9 @@ class GuidanceAdapter(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the adapter (safetensors, metadata in the header and a JSON sidecar), atomically."""
-        from safetensors.torch import save_file
+        from ..io import save_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**self.metadata(), **(extra or {})}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata={"fewstep": json.dumps(meta)})
-        os.replace(tmp, path)
-        side = path.with_suffix(".json")
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, side)
-        return path
+        return save_safetensors(self.state_dict(), Path(path), {**self.metadata(), **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path, base: nn.Module, attach: bool = True, match: str = "config",

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..io import atomic_path
 from ..models.digits import load_digits_tensors
 from .classifier import DEFAULT_CONFIG, WEIGHTS_PATH, DigitsClassifier
 
 __all__ = ["augment", "evaluate_accuracy", "train_classifier"]
+
+#: where a retrained classifier goes by default (the working directory, never the package's shipped weights)
+DEFAULT_OUT = Path("fewstep-classifier") / "digits_classifier.safetensors"
 
 
 def augment(
@@ -72,22 +75,13 @@ def evaluate_accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, ba
 
 
 def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then move it into place (``core.io``)."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def train_classifier(
-    out_path: str | os.PathLike[str] = WEIGHTS_PATH,
+    out_path: str | os.PathLike[str] = DEFAULT_OUT,
     seed: int = 0,
     epochs: int = 30,
     batch_size: int = 64,
@@ -169,7 +163,8 @@ def train_classifier(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(WEIGHTS_PATH), help="output .safetensors path")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output .safetensors path (default ./{DEFAULT_OUT}; "
+                        f"the shipped {WEIGHTS_PATH.name} is never written)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ Parameterisation: discrete VP, DDPM linear betas 1e-4..0.02 over 1000 steps (Ho 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -78,18 +77,9 @@ def dit_denoiser(module: nn.Module, model_sampling: ModelSampling | None = None,
 
 def save_model(module: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
     """Write weights (safetensors) and a JSON sidecar atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    from ..io import save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp), metadata={"fewstep": json.dumps(meta)})
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp = side.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, side)
+    save_safetensors(module.state_dict(), path, meta)
 
 
 def load_model_file(path: str | Path, what: str, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

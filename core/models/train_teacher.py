@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..io import atomic_path, load_with_fallback
 from .digits import load_digits_tensors
-from .embedded import TEACHER_CONFIG, TEACHER_FILE, WEIGHTS_DIR, build_dit, save_model, teacher_model_sampling
+from .embedded import TEACHER_CONFIG, TEACHER_FILE, build_dit, save_model, teacher_model_sampling
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` atomically, keeping the replaced checkpoint as ``<path>.prev`` for a torn-file fallback."""
+    with atomic_path(path, keep_previous=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -50,13 +50,23 @@ def train_teacher(
 ) -> Path:
     """Train (or resume) the teacher and write ``out`` (safetensors + JSON). Returns the path.
 
+    ``out`` defaults to ``./fewstep-teacher/digits_dit_teacher.safetensors``; the package's shipped weights are
+    never written (``core.io.check_not_shipped``).
+
     A checkpoint ``<out>.ckpt`` (model, EMA, optimiser, step, RNG states) is written atomically every
     ``checkpoint_every`` steps; running again with the same arguments resumes from it. ``stop_at`` ends this
     process after that step (with a checkpoint), as an interruption would; the schedule still spans ``steps``.
     """
+    from ..checks import check_positive_int
+    from ..io import check_not_shipped, check_writable_dir
+
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("checkpoint_every", checkpoint_every)
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out) if out else WEIGHTS_DIR / TEACHER_FILE
+    out = check_not_shipped(Path(out) if out else Path("fewstep-teacher") / TEACHER_FILE)
+    check_writable_dir(out.parent)
     ckpt_path = out.with_suffix(".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -69,7 +79,7 @@ def train_teacher(
     step, elapsed = 0, 0.0
     losses: list[float] = []
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck, _ = load_with_fallback(ckpt_path, lambda p: torch.load(p, weights_only=True), "teacher checkpoint")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
