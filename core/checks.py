@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 
 __all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "finite_float", "int_in",
-           "check_class_labels", "check_scale", "check_positive_int", "OPSET_RANGE", "check_opset"]
+           "check_class_labels", "check_scale", "check_positive_int", "OPSET_RANGE", "check_opset", "CFG_RANGE"]
+
+#: guidance scales CFG is used with in practice (fewstep's convention, 1 = no guidance); outside: a warning
+CFG_RANGE = (0.0, 20.0)
 
 #: ONNX opsets the exporter accepts: torch's dynamo exporter writes opset 18 and newer
 OPSET_RANGE = (18, 23)

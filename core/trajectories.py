@@ -179,13 +179,13 @@ def load_trajectories(out_dir: str | Path) -> tuple[dict[str, Tensor], dict[str,
     """Load every shard of a complete trajectory folder: ``(tensors, manifest)`` with tensors ``noise``, ``cond``,
     ``guidance_scale``, ``start``, ``endpoint``, optionally ``states``, concatenated in sample order, and
     ``sigmas``. Raises ``FileNotFoundError`` / ``ValueError`` for a missing or incomplete folder."""
-    from safetensors.torch import load_file
+    from .io import read_safetensors
 
     out = Path(out_dir)
     man_path = out / "manifest.json"
     if not man_path.exists():
         raise FileNotFoundError(f"no trajectories at {out} (manifest.json missing); run generate_trajectories")
-    manifest = json.loads(man_path.read_text())
+    manifest = read_json(man_path)
     n, size = manifest["num_samples"], manifest["shard_size"]
     shards = []
     for i in range(math.ceil(n / size)):
@@ -193,7 +193,7 @@ def load_trajectories(out_dir: str | Path) -> tuple[dict[str, Tensor], dict[str,
         if not _shard_ok(p, manifest["config_hash"]):
             raise ValueError(f"trajectory folder {out} is incomplete (shard {i} missing or from another run); "
                              "run generate_trajectories again with the same arguments to resume")
-        shards.append(load_file(str(p)))
+        shards.append(read_safetensors(p)[0])
     tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "sigmas"}
     tensors["sigmas"] = shards[0]["sigmas"]
     return tensors, manifest

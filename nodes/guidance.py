@@ -86,7 +86,22 @@ def resolve_adapter(name: str) -> Path:
     if found is None:
         raise ValueError(f"unknown guidance adapter {name!r}; choose one of {available_adapters()} (put adapter "
                          f"files in ComfyUI's models/{ADAPTER_FOLDER} folder)")
-    return Path(found)
+    return _inside_adapter_folders(name, found)
+
+
+def _inside_adapter_folders(name: str, found: str) -> Path:
+    """``found`` when it lies inside one of the ``models/fewstep_adapters`` folders (a name with ``..`` or an
+    absolute path is refused: nothing outside ComfyUI's model folders is opened)."""
+    import os
+
+    import folder_paths
+
+    p = Path(os.path.abspath(found))
+    roots = [Path(os.path.abspath(r)) for r in folder_paths.get_folder_paths(ADAPTER_FOLDER)]
+    if not any(p.is_relative_to(r) for r in roots):
+        raise ValueError(f"guidance adapter {name!r} is outside ComfyUI's models/{ADAPTER_FOLDER} folders; only "
+                         "files there can be loaded")
+    return p
 
 
 # -------------------------------------------------------------------------------------------------- patching
@@ -138,6 +153,9 @@ def apply_guidance_adapter(model: Any, path: str | Path, guidance_scale: float,
                            hint: str | None = None) -> tuple[Any, GuidanceAdapter]:
     """A clone of the ComfyUI MODEL ``model`` sampling with the adapter at ``path`` (and the adapter). Raises
     ``ValueError`` naming both models when the adapter was made for other weights (``hint`` says what to load)."""
+    from ..core.checks import check_scale
+
+    check_scale(guidance_scale, None, "guidance scale")  # NaN/inf: an error here, not a NaN image later
     path = Path(path)
     meta = adapter_metadata(path)
     try:

@@ -27,6 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the fewstep ONNX runtime needs onnxruntime: pip install 'fewstep[onnx]' "
                       "(or 'fewstep[onnx-gpu]' for CUDA)") from e
 
+from ..checks import CFG_RANGE, check_class_labels, check_scale
 from . import metadata as md
 from . import np_sampling as nps
 from .metadata import OnnxModelError
@@ -192,6 +193,7 @@ class OnnxDenoiser:
         if self.guidance is not None:
             gname = self.guidance["input"]
             w = self.guidance.get("default", 1.0) if scale is None else scale
+            check_scale(w, self.guidance.get("scale_range") or CFG_RANGE, "guidance scale", self.name)
             w = np.asarray(w, dtype=np.float32).reshape(-1)
             if w.size == 1:
                 w = np.full(b, md.guidance_scale_to_input(self.guidance, float(w[0])), np.float32)
@@ -203,8 +205,11 @@ class OnnxDenoiser:
                                  "guidance input to use guidance_scale")
         out = self.network(ms.calculate_input(sigma, x), ms.timestep(sigma).astype(np.float32), **inputs)
         if not np.isfinite(out).all():
-            raise FloatingPointError(f"{self.name} produced NaN/inf at sigma={sigma[:4].tolist()} (fp16 overflow? "
-                                     "try the fp32 export)")
+            if not (np.isfinite(x).all() and np.isfinite(sigma).all()):
+                raise FloatingPointError(f"{self.name}: the input x or sigma holds NaN/inf "
+                                         f"(sigma={sigma[:4].tolist()}); check what produced it")
+            raise FloatingPointError(f"{self.name} produced NaN/inf at sigma={sigma[:4].tolist()} from finite inputs "
+                                     "(fp16 overflow? try the fp32 export)")
         return ms.calculate_denoised(sigma, out, x)
 
 
@@ -243,7 +248,7 @@ def generate(model: OnnxDenoiser, n: int | None = None, *, class_labels: Sequenc
     if class_labels is not None:
         if "class_labels" not in conds:
             raise ValueError(f"{model.name} is not class-conditional (conditions: {list(conds) or 'none'})")
-        extra["class_labels"] = np.asarray(class_labels, dtype=np.int64).reshape(-1)
+        extra["class_labels"] = np.asarray(class_labels).reshape(-1)  # dtype checked below
     elif "class_labels" in conds and "class_labels" not in extra:
         k = int(conds["class_labels"].get("num_classes") or 10)
         extra["class_labels"] = np.arange(n or k, dtype=np.int64) % k
@@ -251,11 +256,10 @@ def generate(model: OnnxDenoiser, n: int | None = None, *, class_labels: Sequenc
         info, y = conds["class_labels"], extra["class_labels"]
         hi = info.get("num_classes")
         if hi is not None:
-            allowed = set(range(int(hi))) | ({int(info["null"])} if "null" in info else set())
-            if bad := sorted(set(y.tolist()) - allowed):
-                raise ValueError(f"class labels must be in 0..{hi - 1}"
-                                 + (f" (or {info['null']} = unconditional)" if "null" in info else "")
-                                 + f", got {bad}")
+            extra["class_labels"] = check_class_labels(y, n if n and y.size != 1 else None, int(hi),
+                                                       int(info["null"]) if "null" in info else None)
+        else:
+            extra["class_labels"] = check_class_labels(y, None, 2**62)
     batch = n or next((len(v) for v in extra.values() if np.ndim(v) > 0), None) or 1
     for k, v in extra.items():
         if np.ndim(v) == 1 and len(v) == 1 and batch > 1:

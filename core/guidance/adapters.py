@@ -292,7 +292,7 @@ class GuidanceAdapter(nn.Module):
 
         ``base_label`` names ``base`` in error messages (default: its class name).
         """
-        from safetensors.torch import load_file
+        from ..io import read_safetensors
 
         path = Path(path)
         meta = adapter_metadata(path)
@@ -319,7 +319,7 @@ class GuidanceAdapter(nn.Module):
                       scale_range=tuple(meta["scale_range"]), base_name=meta["base_name"], attach=False)
         if adapter.target_names != meta["target_names"]:
             raise ValueError(f"guidance adapter {path.name}: layer names differ from the base model's")
-        adapter.load_state_dict(load_file(str(path)))
+        adapter.load_state_dict(read_safetensors(path)[0])
         if match == "config" and base_weights_hash(base) != meta.get("base_weights_hash"):
             import warnings
 
@@ -333,6 +333,8 @@ def adapter_metadata(path: str | Path) -> dict[str, Any]:
     guidance adapter, ``FileNotFoundError`` if there is no file)."""
     from safetensors import safe_open
 
+    from ..io import CorruptFileError
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"guidance adapter not found at {path}")
@@ -340,8 +342,8 @@ def adapter_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("fewstep", "{}"))
     except Exception as e:  # noqa: BLE001 - not a safetensors file at all
-        raise ValueError(f"{path.name} is not a fewstep guidance adapter (cannot read it as safetensors: {e})") \
-            from None
+        raise CorruptFileError(f"{path} is not a fewstep guidance adapter (cannot read it as safetensors, truncated or "
+                               f"corrupt: {e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path.name} is not a fewstep guidance adapter (format {meta.get('format')!r})")
     return meta
@@ -363,5 +365,8 @@ class AdaptedDenoiser(nn.Module):
         w = self.default_scale if guidance_scale is None else guidance_scale
         if w is None:
             raise ValueError("AdaptedDenoiser needs guidance_scale=... (or a default_scale)")
+        from ..checks import check_scale
+
+        check_scale(w, self.adapter.scale_range, "guidance scale", f"guidance adapter {self.adapter.base_name!r}")
         with self.adapter.scale(w, batch=x.shape[0]):
             return self.denoiser(x, sigma, **cond)

@@ -57,6 +57,9 @@ class CFGDenoiser(nn.Module):
 
     def __init__(self, denoiser: nn.Module, scale: float, cond_key: str = "class_labels", null: Any = 10):
         super().__init__()
+        from ..checks import CFG_RANGE, check_scale
+
+        check_scale(scale, CFG_RANGE, "CFG scale", "fewstep's CFG")
         self.denoiser = denoiser
         self.model_sampling = denoiser.model_sampling
         self.scale = float(scale)

@@ -66,4 +66,7 @@ class ScaledCFGDenoiser(nn.Module):
         w = self.default_scale if guidance_scale is None else guidance_scale
         if w is None:
             raise ValueError("ScaledCFGDenoiser needs guidance_scale=... in the call (no default_scale set)")
+        from ..checks import CFG_RANGE, check_scale
+
+        check_scale(w, CFG_RANGE, "guidance scale", "fewstep's CFG")
         return guided_denoise(self.denoiser, x, sigma, w, self.cond_key, self.null, **cond)

@@ -9,7 +9,6 @@ give the class accuracy of conditional samples. Trained by ``train_classifier.py
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -103,8 +102,9 @@ class DigitsClassifier(nn.Module):
 
 def read_config(path: str | os.PathLike[str] = CONFIG_PATH) -> dict[str, Any]:
     """The JSON written next to the weights (architecture, held-out accuracy, train time, seed)."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from ..io import read_json
+
+    return read_json(path)
 
 
 def load_classifier(
@@ -117,7 +117,7 @@ def load_classifier(
         path: a ``.safetensors`` file (default: the shipped ``weights/digits_classifier.safetensors``);
             the architecture is read from the ``.json`` of the same stem if present.
     """
-    from safetensors.torch import load_file
+    from ..io import read_safetensors
 
     weights = Path(path) if path is not None else WEIGHTS_PATH
     if not weights.is_file():
@@ -130,6 +130,6 @@ def load_classifier(
     if cfg_path.is_file():
         arch.update(read_config(cfg_path).get("architecture", {}))
     model = DigitsClassifier(**{k: arch[k] for k in DEFAULT_CONFIG})
-    model.load_state_dict(load_file(str(weights), device="cpu"))
+    model.load_state_dict(read_safetensors(weights)[0])
     model.requires_grad_(False)
     return model.eval().to(device)

@@ -82,11 +82,20 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         cond.pop("seed", None)  # samplers carry the noise seed in extra_args, as ComfyUI does
+        if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"{self.name}: x must be a batched tensor (B, C, ...) with B >= 1, got "
+                             f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
         sigma = expand_sigma(sigma, x)
         ms = self.model_sampling
         x_in = ms.calculate_input(sigma, x)
         t = ms.timestep(sigma).to(x.dtype)
-        out = self.call(self.model, x_in, t, **cond)
+        try:
+            out = self.call(self.model, x_in, t, **cond)
+        except RuntimeError as e:
+            clear = _dtype_error(self, x, e)
+            if clear is None:
+                raise
+            raise clear from e
         if out.shape != x.shape:
             raise ValueError(
                 f"{self.name} returned shape {tuple(out.shape)} for input {tuple(x.shape)}; the denoiser "
@@ -94,11 +103,24 @@ class Denoiser(nn.Module):
                 "that reshapes or drops extra channels, e.g. DiT's learned-sigma half)"
             )
         if self.check_finite and not torch.isfinite(out).all():
+            if not torch.isfinite(x).all() or not torch.isfinite(sigma).all():
+                raise FloatingPointError(f"{self.name}: the input x or sigma holds NaN/inf (sigma="
+                                         f"{sigma.flatten()[:4].tolist()}); check what produced it (e.g. a NaN "
+                                         "guidance scale or an earlier step)")
             raise FloatingPointError(
-                f"{self.name} produced NaN/inf at sigma={sigma.flatten()[:4].tolist()}; check the weights, the "
-                "dtype (fp16 overflow) and the input range"
+                f"{self.name} produced NaN/inf at sigma={sigma.flatten()[:4].tolist()} from finite inputs; check "
+                "the weights and the dtype (fp16 overflow)"
             )
         return ms.calculate_denoised(sigma, out, x)
+
+
+def _dtype_error(den: Denoiser, x: Tensor, err: RuntimeError) -> TypeError | None:
+    """A clear ``TypeError`` when ``err`` comes from an input whose dtype differs from the weights' (else None)."""
+    p = next((p for p in den.model.parameters() if p.is_floating_point()), None)
+    if p is None or not x.is_floating_point() or x.dtype == p.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    return TypeError(f"{den.name}: input x is {x.dtype} but the model weights are {p.dtype}; cast the input "
+                     f"(x.to({p.dtype})) or the model (.to({x.dtype})) so they match (torch: {str(err)[:160]})")
 
 
 def get_model_sampling(model: Any) -> ModelSampling | Any:

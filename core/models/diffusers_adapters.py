@@ -24,7 +24,15 @@ def call_unet(module: nn.Module, x_in: Tensor, t: Tensor, **cond: Any) -> Tensor
 
 def call_dit(module: nn.Module, x_in: Tensor, t: Tensor, **cond: Any) -> Tensor:
     """DiTTransformer2DModel(hidden_states, timestep, class_labels): drops the learned-variance half
-    (Peebles & Xie 2023, sec. 3.1) when ``out_channels == 2 * in_channels``."""
+    (Peebles & Xie 2023, sec. 3.1) when ``out_channels == 2 * in_channels``. Class labels are checked first
+    (integers, one per sample or one for all, ``0..num_classes`` where the last id is the null class)."""
+    n = getattr(getattr(module, "config", None), "num_embeds_ada_norm", None)
+    if n is not None and cond.get("class_labels") is not None:
+        from ..checks import check_class_labels
+
+        y = cond["class_labels"]
+        size = y.numel() if isinstance(y, Tensor) else len(y) if isinstance(y, (list, tuple)) else 1
+        check_class_labels(y, None if size == 1 else x_in.shape[0], int(n), null=int(n))
     out = unwrap_output(module(x_in, timestep=t, **cond))
     if out.shape[1] == 2 * x_in.shape[1]:
         out = out[:, : x_in.shape[1]]

@@ -11,7 +11,6 @@ Parameterisation: discrete VP, DDPM linear betas 1e-4..0.02 over 1000 steps (Ho 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +83,14 @@ def save_model(module: nn.Module, path: str | Path, meta: dict[str, Any]) -> Non
 
 def load_model_file(path: str | Path, what: str, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file and its JSON metadata with a clear error if it is missing."""
-    from safetensors.torch import load_file
+    from ..io import read_json, read_safetensors
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} weights not found at {path}. {hint}")
-    state = load_file(str(path))
+    state, _ = read_safetensors(path)
     side = path.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.exists() else {}
+    meta = read_json(side) if side.exists() else {}
     return state, meta
 
 
