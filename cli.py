@@ -184,7 +184,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from .core.io import atomic_path, check_new_file, check_writable_dir
 
     out = check_new_file(args.output, args.overwrite)
-    check_writable_dir(out.parent)  # before sampling: an unwritable output is found now, not after the work
+    check_writable_dir(out.parent, "-o/--output")  # before sampling: an unwritable output is found now
     model = OnnxDenoiser(args.model, providers=["CPUExecutionProvider"] if args.cpu else None, threads=args.threads)
     labels = None
     if args.class_label is not None:

@@ -148,10 +148,11 @@ def check_class_labels(labels: Any, batch: int | None, num_classes: int, null: i
 
 
 def check_scale(w: Any, trained: tuple[float, float] | None, what: str = "guidance scale",
-                source: str = "the model") -> None:
+                source: str = "the range the model was trained for") -> None:
     """Error when a scale is NaN/inf; a ``UserWarning`` when outside the ``trained`` ``(min, max)`` range.
 
-    ``w``: a number, a sequence, or a numpy/torch array of per-sample scales.
+    ``w``: a number, a sequence, or a numpy/torch array of per-sample scales; ``source`` names the range in the
+    warning.
     """
     values = w.tolist() if hasattr(w, "tolist") else w
     vals = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -163,5 +164,5 @@ def check_scale(w: Any, trained: tuple[float, float] | None, what: str = "guidan
     lo, hi = float(trained[0]), float(trained[1])
     out = vals[(vals < lo) | (vals > hi)]
     if out.size:
-        warnings.warn(f"{what} {sorted(set(out.tolist()))[:4]} is outside {lo:g}..{hi:g}, the range {source} was "
-                      "trained for; results there are not validated", UserWarning, stacklevel=3)
+        warnings.warn(f"{what} {sorted(set(out.tolist()))[:4]} is outside {lo:g}..{hi:g}, {source}; results there "
+                      "are not validated", UserWarning, stacklevel=3)

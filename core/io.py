@@ -73,7 +73,7 @@ def check_new_file(path: str | Path, overwrite: bool, flag: str = "--overwrite")
     return p
 
 
-def check_writable_dir(folder: str | Path) -> Path:
+def check_writable_dir(folder: str | Path, flag: str = "--out") -> Path:
     """Create ``folder`` if needed and prove a file can be written there, before any expensive work."""
     d = check_not_shipped(folder)
     try:
@@ -83,7 +83,7 @@ def check_writable_dir(folder: str | Path) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise PermissionError(f"cannot write to the output folder {d} ({e.strerror or e}); choose a writable "
-                              "folder with --out") from None
+                              f"folder with {flag}") from None
     return d
 
 
@@ -219,19 +219,20 @@ def load_with_fallback(path: str | Path, load: Any, what: str = "checkpoint") ->
         raise
     except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/EOFError/UnpicklingError on a torn file
         err = e
+    why = f"{type(err).__name__}: {str(err).split('. ')[0][:200]}"
     prev = previous_path(path)
     if not prev.is_file():
-        raise CorruptFileError(f"{what} {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}) and "
+        raise CorruptFileError(f"{what} {path} is truncated or corrupt ({why}) and "
                                f"there is no previous {what} {prev.name} to fall back to; delete {path} to start "
                                "afresh") from None
     try:
         obj = load(prev)
     except Exception as e2:  # noqa: BLE001
-        raise CorruptFileError(f"{what} {path} is truncated or corrupt ({str(err)[:200]}) and so is the previous "
-                               f"one {prev} ({str(e2)[:200]}); delete both to start afresh") from None
+        raise CorruptFileError(f"{what} {path} is truncated or corrupt ({why}) and so is the previous one {prev} "
+                               f"({str(e2).split('. ')[0][:200]}); delete both to start afresh") from None
     corrupt = path.with_name(path.name + ".corrupt")
     os.replace(path, corrupt)
-    warnings.warn(f"{what} {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]}); resuming from "
+    warnings.warn(f"{what} {path} is truncated or corrupt ({why}); resuming from "
                   f"the previous good {what} {prev} (the corrupt file was moved to {corrupt.name})", UserWarning,
                   stacklevel=2)
     return obj, prev

@@ -292,7 +292,7 @@ def test_guidance_scales_against_the_trained_range(teacher):
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="guidance scale must be a finite number"):
         den(x, 5.0, guidance_scale=float("nan"), class_labels=y)
-    with pytest.warns(UserWarning, match=f"outside {lo:g}..{hi:g}, the range guidance adapter"):
+    with pytest.warns(UserWarning, match=f"outside {lo:g}..{hi:g}, the range this guidance adapter"):
         den(x, 5.0, guidance_scale=1e6, class_labels=y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

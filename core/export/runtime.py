@@ -193,7 +193,9 @@ class OnnxDenoiser:
         if self.guidance is not None:
             gname = self.guidance["input"]
             w = self.guidance.get("default", 1.0) if scale is None else scale
-            check_scale(w, self.guidance.get("scale_range") or CFG_RANGE, "guidance scale", self.name)
+            check_scale(w, self.guidance.get("scale_range") or CFG_RANGE, "guidance scale",
+                        f"the range {self.name} was trained for" if self.guidance.get("scale_range")
+                        else "the usual CFG range (1 = no guidance)")
             w = np.asarray(w, dtype=np.float32).reshape(-1)
             if w.size == 1:
                 w = np.full(b, md.guidance_scale_to_input(self.guidance, float(w[0])), np.float32)

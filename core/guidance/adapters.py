@@ -367,6 +367,7 @@ class AdaptedDenoiser(nn.Module):
             raise ValueError("AdaptedDenoiser needs guidance_scale=... (or a default_scale)")
         from ..checks import check_scale
 
-        check_scale(w, self.adapter.scale_range, "guidance scale", f"guidance adapter {self.adapter.base_name!r}")
+        check_scale(w, self.adapter.scale_range, "guidance scale",
+                    f"the range this guidance adapter (for {self.adapter.base_name!r}) was trained for")
         with self.adapter.scale(w, batch=x.shape[0]):
             return self.denoiser(x, sigma, **cond)

@@ -59,7 +59,7 @@ class CFGDenoiser(nn.Module):
         super().__init__()
         from ..checks import CFG_RANGE, check_scale
 
-        check_scale(scale, CFG_RANGE, "CFG scale", "fewstep's CFG")
+        check_scale(scale, CFG_RANGE, "CFG scale", "the usual CFG range (1 = no guidance)")
         self.denoiser = denoiser
         self.model_sampling = denoiser.model_sampling
         self.scale = float(scale)

@@ -68,5 +68,5 @@ class ScaledCFGDenoiser(nn.Module):
             raise ValueError("ScaledCFGDenoiser needs guidance_scale=... in the call (no default_scale set)")
         from ..checks import CFG_RANGE, check_scale
 
-        check_scale(w, CFG_RANGE, "guidance scale", "fewstep's CFG")
+        check_scale(w, CFG_RANGE, "guidance scale", "the usual CFG range (1 = no guidance)")
         return guided_denoise(self.denoiser, x, sigma, w, self.cond_key, self.null, **cond)

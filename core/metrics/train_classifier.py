@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import atomic_path
+from ..io import save_safetensors, write_json
 from ..models.digits import load_digits_tensors
 from .classifier import DEFAULT_CONFIG, WEIGHTS_PATH, DigitsClassifier
 
@@ -74,12 +74,6 @@ def evaluate_accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, ba
     return correct / max(len(images), 1)
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then move it into place (``core.io``)."""
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-
-
 def train_classifier(
     out_path: str | os.PathLike[str] = DEFAULT_OUT,
     seed: int = 0,
@@ -95,7 +89,6 @@ def train_classifier(
     ``augment``; the final weights are kept. Returns the JSON metadata (architecture, held-out accuracy,
     train accuracy, train time, seed, hyper-parameters).
     """
-    from safetensors.torch import save_file
 
     out_path = Path(out_path)
     torch.manual_seed(seed)
@@ -149,15 +142,8 @@ def train_classifier(
         "torch_version": torch.__version__,
         "data": "sklearn.datasets.load_digits, 16x16 bilinear, [-1,1], stratified 80/20 split seed 0",
     }
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(out_path, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-
-    def _write_json(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write_bytes(out_path.with_suffix(".json"), _write_json)
+    save_safetensors(model.state_dict(), out_path, header={"format": "pt"})
+    write_json(Path(out_path).with_suffix(".json"), meta, sort_keys=True)
     return meta
 
 
