@@ -50,6 +50,7 @@ from fewstep.core.models.embedded import load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 
 from ..core import io
+from ..core.checks import finite_float, positive_int
 from .common import RESULTS, machine, write_json
 
 Factory = Callable[[], ResidualCache]
@@ -376,12 +377,14 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--per-class", type=int, default=6, help="samples per digit class for quality (default 6)")
-    p.add_argument("--timing-per-class", type=int, default=1, help="samples per digit class for timing (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="timing repeats (default 2: AB then BA)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier ratios on shared CPUs)")
+    p.add_argument("--per-class", type=positive_int, default=6, help="samples per digit class for quality (default 6)")
+    p.add_argument("--timing-per-class", type=positive_int, default=1,
+                   help="samples per digit class for timing (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="timing repeats (default 2: AB then BA)")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--cfg", type=finite_float, default=2.0)
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default 1: steadier ratios on shared CPUs)")
     sw = p.add_mutually_exclusive_group()
     sw.add_argument("--quick", action="store_true", help="4 cached settings, no large stacks")
     sw.add_argument("--full", action="store_true", help="a longer sweep")

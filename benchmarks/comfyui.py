@@ -42,6 +42,7 @@ from fewstep.core.models.digits import NUM_CLASSES
 from fewstep.core.models.embedded import TEACHER_CFG
 
 from ..core import io
+from ..core.checks import nonneg_int, positive_int
 from .common import RESULTS, machine, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,9 +303,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("samplers", "caches", "all"), default="all")
-    p.add_argument("--per-class", type=int, default=36, help="samples per digit (36 -> 360, the held-out size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-class", type=positive_int, default=36,
+                   help="samples per digit (36 -> 360, the held-out size)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ from fewstep.core.models.embedded import build_dit, dit_denoiser, load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 
 from ..core import io
+from ..core.checks import finite_float, positive_int
 from .common import machine, write_json
 
 
@@ -213,11 +214,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None, help="threads for both (default: torch's)")
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--batch", type=positive_int, default=10)
+    p.add_argument("--steps", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=20)
+    p.add_argument("--threads", type=positive_int, default=None, help="threads for both (default: torch's)")
+    p.add_argument("--cfg", type=finite_float, default=2.0)
     p.add_argument("--no-gpu", action="store_true")
     p.add_argument("--quick", action="store_true", help="5 repeats")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

@@ -14,6 +14,7 @@ from fewstep.core.evaluate import Setting, markdown_table, plot_quality, run_set
 from fewstep.core.metrics.quality import reference_floors
 from fewstep.core.models.embedded import load_teacher
 
+from ..core.checks import finite_float, nonneg_int, positive_int
 from .common import RESULTS, machine, write_json
 
 NFES = [50, 32, 16, 8, 4, 2, 1]
@@ -22,12 +23,12 @@ CFGS = [1.0, 2.0, 4.0]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--per-class", type=int, default=36,
+    p.add_argument("--per-class", type=positive_int, default=36,
                    help="samples per class (default 36 -> 360, the size of the held-out floor)")
     p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--cfg", type=float, nargs="*", default=CFGS)
-    p.add_argument("--nfe", type=int, nargs="*", default=NFES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=finite_float, nargs="*", default=CFGS)
+    p.add_argument("--nfe", type=positive_int, nargs="*", default=NFES)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     teacher = load_teacher()

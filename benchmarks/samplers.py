@@ -17,6 +17,7 @@ from fewstep.core.models import DiscreteVP, GaussianMixtureDenoiser, toy_mixture
 from fewstep.core.sampling import NFE, fine_solution, get_sampler, get_sigmas, search_schedule
 
 from ..core import io
+from ..core.checks import positive_int
 from .common import machine, write_json
 
 SAMPLERS = ["euler", "heun", "dpmpp_2m", "uni_pc", "euler_ancestral", "lcm", "tcd", "dmd", "onestep"]
@@ -93,8 +94,8 @@ def plot(result: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--dim", type=int, default=2)
+    p.add_argument("--n", type=positive_int, default=1024)
+    p.add_argument("--dim", type=positive_int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = run(args.n, args.dim)

@@ -43,6 +43,7 @@ from fewstep.kernels.flex import flex_block_sparse_attention
 from fewstep.kernels.triton_block_sparse import triton_block_sparse_attention, triton_unsupported_reason
 
 from ..core import io
+from ..core.checks import positive_int
 from .common import RESULTS, machine, write_json
 
 __all__ = ["kernel_benchmark", "main", "plot", "quality_benchmark", "random_block_mask"]
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--part", choices=["kernels", "quality", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and densities")
     ap.add_argument("--device", default=None, help="kernels: cpu or cuda (default: cuda when available)")
-    ap.add_argument("--per-class", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--per-class", type=positive_int, default=20)
+    ap.add_argument("--steps", type=positive_int, default=8)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     out_dir = Path(args.out) if args.out else RESULTS

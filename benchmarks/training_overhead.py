@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from ..core.checks import positive_int
 from .common import machine, write_json
 
 
@@ -93,10 +94,10 @@ def lightning_steps(module, steps: int, device: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10, help="steps per round and arm")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--steps", type=positive_int, default=10, help="steps per round and arm")
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

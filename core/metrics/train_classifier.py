@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checks import nonneg_int, positive_int
 from ..io import save_safetensors, write_json
 from ..models.digits import load_digits_tensors
 from .classifier import DEFAULT_CONFIG, WEIGHTS_PATH, DigitsClassifier
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output .safetensors path (default ./{DEFAULT_OUT}; "
                         f"the shipped {WEIGHTS_PATH.name} is never written)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=30)
     args = parser.parse_args(argv)
     meta = train_classifier(args.out, seed=args.seed, epochs=args.epochs)
     print(json.dumps({k: meta[k] for k in ("heldout_accuracy", "train_accuracy", "train_time_s", "seed")}))
