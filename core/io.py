@@ -357,7 +357,7 @@ def output_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
             if pid == os.getpid() or _pid_alive(pid):
                 raise OutputLockedError(
                     f"another fewstep {what} (pid {pid}) is writing to {d} (lock file {lock}); wait for it to "
-                    "finish or choose another output folder") from None
+                    "finish or choose another output folder (if no such run exists, delete the lock file)") from None
             print(f"fewstep: removing the stale lock {lock} of a process that no longer runs (pid {pid})")
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()

@@ -82,7 +82,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         cond.pop("seed", None)  # samplers carry the noise seed in extra_args, as ComfyUI does
-        if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] == 0:
+        if not isinstance(x, Tensor) or x.ndim < 2 or (not _tracing() and x.shape[0] == 0):
             raise ValueError(f"{self.name}: x must be a batched tensor (B, C, ...) with B >= 1, got "
                              f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
         sigma = expand_sigma(sigma, x)
@@ -112,6 +112,10 @@ class Denoiser(nn.Module):
                 "the weights and the dtype (fp16 overflow)"
             )
         return ms.calculate_denoised(sigma, out, x)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _dtype_error(den: Denoiser, x: Tensor, err: RuntimeError) -> TypeError | None:
