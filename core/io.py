@@ -127,11 +127,11 @@ def atomic_path(path: str | Path, overwrite: bool = True, flag: str = "--overwri
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, _file_mode(target))  # mkstemp makes 0600; keep the target's mode or the umask default
         yield tmp
         if not tmp.exists():
             raise OSError(errno.ENOENT, f"the writer produced no file for {target}")
         _fsync_file(tmp)
+        os.chmod(tmp, _file_mode(target))  # mkstemp makes 0600; keep the target's mode or the umask default
         if keep_previous and target.exists():
             _keep_previous(target)
         os.replace(tmp, target)
@@ -142,7 +142,8 @@ def atomic_path(path: str | Path, overwrite: bool = True, flag: str = "--overwri
         raise
 
 
-def replace_with_companions(tmp_dir: Path, name: str, target: Path, suffixes: tuple[str, ...] = (".data",)) -> None:
+def replace_with_companions(tmp_dir: Path, name: str, target: Path, suffixes: tuple[str, ...] = (".data",),
+                            mode: int | None = None) -> None:
     """Move ``tmp_dir/name`` and its companions ``tmp_dir/name<suffix>`` onto ``target`` (``target<suffix>``),
     fsync-ed, companions first and the main file last; a stale companion at the target without a new one is
     removed (an ONNX model's external-data file from an earlier, larger export)."""
@@ -151,10 +152,14 @@ def replace_with_companions(tmp_dir: Path, name: str, target: Path, suffixes: tu
         new, old = tmp_dir / f"{name}{suf}", target.with_name(target.name + suf)
         if new.exists():
             _fsync_file(new)
+            if mode is not None:
+                os.chmod(new, mode)
             os.replace(new, old)
         elif old.exists():
             old.unlink()
     _fsync_file(src)
+    if mode is not None:
+        os.chmod(src, mode)
     os.replace(src, target)
     fsync_dir(target.parent)
 
@@ -175,9 +180,8 @@ def atomic_file_set(path: str | Path, overwrite: bool = True, flag: str = "--ove
         yield tmp_dir / target.name
         if not (tmp_dir / target.name).exists():
             raise OSError(errno.ENOENT, f"the writer produced no file for {target}")
-        for f in tmp_dir.iterdir():
-            os.chmod(f, _file_mode(target))
-        replace_with_companions(tmp_dir, target.name, target, companions)
+        mode = _file_mode(target)
+        replace_with_companions(tmp_dir, target.name, target, companions, mode)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -326,8 +330,12 @@ def read_json(path: str | Path) -> Any:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (POSIX ``kill(pid, 0)``; on Windows ``os.kill`` would terminate it, so a lock
+    there is never taken for stale: the message tells the user to delete it)."""
     if pid <= 0:
         return False
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
