@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .model_sampling import ModelSampling
+from .model_sampling import get_model_sampling as get_model_sampling  # re-exported: it moved to model sampling
 
 ModelCall = Callable[..., Tensor]
 
@@ -101,18 +102,3 @@ class Denoiser(nn.Module):
         return ms.calculate_denoised(sigma, out, x)
 
 
-def get_model_sampling(model: Any) -> ModelSampling | Any:
-    """Find the model sampling object of a fewstep ``Denoiser`` or of a ComfyUI ``KSampler`` model
-    (``model.inner_model.inner_model.model_sampling``)."""
-    probe = model
-    for _ in range(4):
-        ms = getattr(probe, "model_sampling", None)
-        if ms is not None:
-            return ms
-        probe = getattr(probe, "inner_model", None)
-        if probe is None:
-            break
-    raise AttributeError(
-        f"{type(model).__name__} has no model_sampling; wrap it with fewstep.core.models.Denoiser(model, "
-        "model_sampling) or pass a ComfyUI model"
-    )
