@@ -77,8 +77,9 @@ def balanced_labels(per_class: int, num_classes: int = NUM_CLASSES) -> Tensor:
 
 @torch.no_grad()
 def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 0, batch_size: int = 250,
-             counter: CountingDenoiser | None = None) -> Tensor:
-    """Samples in [-1, 1] for ``labels`` with ``setting`` (seeded: the same seed gives the same noise)."""
+             counter: CountingDenoiser | None = None, device: str | torch.device | None = None) -> Tensor:
+    """Samples in [-1, 1] for ``labels`` with ``setting`` (seeded: the same seed gives the same noise, drawn on the
+    CPU and moved to ``device``, where the denoisers must already be)."""
     den = setting.denoiser or denoiser
     ms = den.model_sampling
     counted = counter or CountingDenoiser(den)
@@ -88,6 +89,8 @@ def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 
     sampler = get_sampler(setting.sampler)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(labels), 1, 16, 16), generator=g)
+    if device is not None:
+        noise, labels = noise.to(device), labels.to(device)
     out = []
     for i in range(0, len(labels), batch_size):
         n = noise[i: i + batch_size]
@@ -102,23 +105,30 @@ def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 
 NOISY_SPREAD = 0.15
 
 
-def _spread(times: list[float]) -> float:
+def spread(times: list[float]) -> float:
+    """``(max - min) / median`` of repeated timings."""
     med = statistics.median(times)
     return (max(times) - min(times)) / med if med > 0 else 0.0
 
 
 def time_settings(denoiser: nn.Module, settings: list[Setting], labels: Tensor, repeats: int = 3, seed: int = 0,
-                  batch_size: int = 250) -> list[list[float]]:
+                  batch_size: int = 250, device: str | torch.device | None = None) -> list[list[float]]:
     """Wall seconds of every setting on ``labels``, ``repeats`` times, interleaved: each round times every setting
-    once (alternating the order between rounds), so a load change on the machine hits all settings alike."""
+    once (alternating the order between rounds), so a load change on the machine hits all settings alike. On CUDA
+    each timing ends with a synchronize."""
+    cuda = device is not None and torch.device(device).type == "cuda"
     times: list[list[float]] = [[] for _ in settings]
     for r in range(repeats):
         order = list(range(len(settings)))
         if r % 2:
             order.reverse()
         for k in order:
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            generate(denoiser, settings[k], labels, seed=seed, batch_size=batch_size)
+            generate(denoiser, settings[k], labels, seed=seed, batch_size=batch_size, device=device)
+            if cuda:
+                torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -155,10 +165,10 @@ def run_settings(denoiser: nn.Module, settings: list[Setting], per_class: int = 
     times = time_settings(denoiser, settings, balanced_labels(min(timing_per_class, per_class)),
                           repeats=timing_repeats, seed=seed, batch_size=batch_size)
     base, base_nfe = statistics.median(times[0]), rows[0]["nfe"]
-    noisy = timing_repeats > 1 and _spread(times[0]) > NOISY_SPREAD
+    noisy = timing_repeats > 1 and spread(times[0]) > NOISY_SPREAD
     for row, ts in zip(rows, times):
         med = statistics.median(ts)
-        row.update(seconds=round(med, 4), seconds_repeats=[round(t, 4) for t in ts], spread=round(_spread(ts), 3),
+        row.update(seconds=round(med, 4), seconds_repeats=[round(t, 4) for t in ts], spread=round(spread(ts), 3),
                    speedup=round(base / med, 3), nfe_ratio=round(base_nfe / row["nfe"], 3), timing_noisy=noisy)
     return rows, images
 
