@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .model_sampling import alpha_sigma, get_model_sampling, is_flow
-from .registry import NFE, REGISTRY
+from .registry import NFE as NFE  # re-exported: the registry holds it
+from .registry import REGISTRY
 from .schedules import check_sigmas
 from .xp import Array, NoiseSampler, array_namespace
-
-__all__ = ["NFE", "SAMPLERS", "alpha_sigma", "default_noise_sampler", "get_ancestral_step", "get_sampler", "is_flow"]
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -14,6 +14,7 @@ torch-free ONNX runtime (``core.export``) runs the same update rules as the torc
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -111,10 +112,11 @@ def namespace(name: str) -> _Namespace:
 
 def array_namespace(*xs: Any) -> _Namespace:
     """The namespace of the first array among ``xs`` (python numbers are skipped; none at all gives numpy)."""
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: never import it here
     for x in xs:
         if isinstance(x, (np.ndarray, np.generic)):
             return NAMESPACES["numpy"]
-        if type(x).__module__.split(".", 1)[0] == "torch":
+        if torch is not None and isinstance(x, torch.Tensor):
             return NAMESPACES["torch"]
         if not isinstance(x, (int, float, bool)) and x is not None:
             raise TypeError(f"expected a numpy array or a torch tensor, got {type(x).__name__}")
