@@ -127,6 +127,25 @@ def test_sampler_twin_on_exact_denoiser(kind, sampler):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", ["vp-eps", "flow"])
+@pytest.mark.parametrize("sampler", [n for n, spec in REGISTRY.items() if spec.family != "composite"])
+def test_every_sampler_is_written_once_for_numpy_and_torch(kind, sampler):
+    """Not only the runtime's: every sampler runs on numpy arrays with the same result as on tensors (the update
+    rules exist once), so offering one more in the runtime is a registry flag."""
+    ms = SAMPLINGS[kind]()
+    den = GaussianMixtureDenoiser(toy_mixture(dim=2, components=4), ms)
+    sig = get_sigmas("flow_shift" if kind == "flow" else "karras", ms, 5)
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    x = ms.noise_scaling(sig[0], noise, torch.zeros_like(noise))
+    opts_t, opts_n = {}, {}
+    if REGISTRY[sampler].ancestral:
+        opts_t["noise_sampler"], opts_n["noise_sampler"] = _samplers_pair(_shared_noise((8, 2), 5))
+    ref = get_sampler(sampler)(den, x, sig, disable=True, **opts_t).numpy()
+    out = get_sampler(sampler)(NpDenoiser(den), x.numpy(), sig.numpy(), disable=True, **opts_n)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 # ----------------------------------------------------------------------------------- hand-made ONNX graphs
 def _network_graph(static_batch: int | None = None, size: int = 8, guidance: str | None = None) -> onnx.ModelProto:
     """out = 0.5 x_in + (0.01 class + 0.001 timestep [+ 0.1 guidance]) per sample: every input matters."""
