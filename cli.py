@@ -89,7 +89,8 @@ def _train_student(args: argparse.Namespace) -> int:
 
 #: ``fewstep bench <what>`` -> the benchmark module that runs it
 BENCHMARKS = {"quality": "quality", "samplers": "samplers", "onnx": "onnx_speed", "caching": "caching",
-              "sparse-attention": "sparse_attention", "training-overhead": "training_overhead", "comfyui": "comfyui"}
+              "sparse-attention": "sparse_attention", "training-overhead": "training_overhead", "comfyui": "comfyui",
+              "gpu": "gpu"}
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``fewstep demo``: the whole loop on the embedded digits teacher, on a CPU, with no download.
 
 Samples every class with several samplers and step counts (and with shipped searched schedules), measures
-wall-time speed-ups against the 50-step baseline in the same run, scores each setting (FD, class accuracy,
+wall-time speed-ups against the 50-step baseline in the same run (interleaved repeats, NFE ratio alongside, a note
+when the machine was too busy for the timing to be trusted), scores each setting (FD, class accuracy,
 precision, recall) and writes a report folder: PNG grids, a quality chart, Markdown and JSON.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .core.evaluate import Setting, markdown_table, run_settings, write_report
+from .core.evaluate import Setting, markdown_table, run_settings, timing_note, write_report
 from .core.models.embedded import TEACHER_CFG, WEIGHTS_DIR, load_teacher
 
 SCHEDULES_FILE = WEIGHTS_DIR / "digits_dit_teacher_schedules.json"
@@ -22,19 +23,22 @@ SCHEDULES_FILE = WEIGHTS_DIR / "digits_dit_teacher_schedules.json"
 
 def demo_settings(quick: bool = False, cfg: float = TEACHER_CFG) -> list[Setting]:
     """The settings the demo compares; the first is the baseline the speed-ups refer to."""
-    s = [Setting("teacher dpmpp_2m 50 steps", "dpmpp_2m", 50, cfg=cfg)]
+    line = f"teacher dpmpp_2m karras, cfg {cfg:g}"  # one chart line over step counts
+    s = [Setting("teacher dpmpp_2m 50 steps", "dpmpp_2m", 50, cfg=cfg, group=line)]
     steps = (8, 4) if quick else (16, 8, 4)
-    s += [Setting(f"teacher dpmpp_2m {n} steps", "dpmpp_2m", n, cfg=cfg) for n in steps]
+    s += [Setting(f"teacher dpmpp_2m {n} steps", "dpmpp_2m", n, cfg=cfg, group=line) for n in steps]
     if not quick:
-        s += [Setting("teacher uni_pc 8 steps", "uni_pc", 8, cfg=cfg),
-              Setting("teacher euler 8 steps", "euler", 8, cfg=cfg)]
+        s += [Setting(f"teacher uni_pc 8 steps, cfg {cfg:g}", "uni_pc", 8, cfg=cfg),
+              Setting(f"teacher euler 8 steps, cfg {cfg:g}", "euler", 8, cfg=cfg)]
     if SCHEDULES_FILE.exists():
         shipped = json.loads(SCHEDULES_FILE.read_text())
         for entry in shipped.get("schedules", []):
             if quick and entry["nfe"] != 4:
                 continue
-            s.append(Setting(f"teacher {entry['sampler']} {entry['nfe']} steps, searched schedule",
-                             entry["sampler"], sigmas=torch.tensor(entry["sigmas"]), cfg=entry.get("cfg", cfg)))
+            s.append(Setting(f"teacher {entry['sampler']} {entry['nfe']} steps, searched schedule, "
+                             f"cfg {entry.get('cfg', cfg):g}",
+                             entry["sampler"], sigmas=torch.tensor(entry["sigmas"]), cfg=entry.get("cfg", cfg),
+                             group=f"teacher {entry['sampler']} searched schedules, cfg {entry.get('cfg', cfg):g}"))
     return s + student_settings(quick=quick)
 
 
@@ -51,7 +55,9 @@ def student_settings(quick: bool = False) -> list[Setting]:
             continue
         student, meta = load_student(path)
         sig = torch.tensor(meta["sigmas"])
-        out.append(Setting(f"student {meta['method']} {len(sig) - 1} steps", meta["sampler"], sigmas=sig,
+        n = len(sig) - 1
+        out.append(Setting(f"student {meta['method']}: {meta['sampler']} {n} step{'s' * (n > 1)}, cfg 1",
+                           meta["sampler"], sigmas=sig,
                            denoiser=student, options=dict(meta.get("sampler_extra") or {})))
     agd = WEIGHTS_DIR / "digits_agd_adapter.safetensors"
     if agd.exists() and not quick:
@@ -59,7 +65,8 @@ def student_settings(quick: bool = False) -> list[Setting]:
 
         base = load_teacher()  # a separate copy: the adapter attaches to its network
         adapter = GuidanceAdapter.load(agd, base.model)
-        out.append(Setting("teacher + AGD adapter dpmpp_2m 8 steps (1 pass/step)", "dpmpp_2m", 8,
+        out.append(Setting(f"teacher + AGD adapter (scale {TEACHER_CFG:g}): dpmpp_2m 8 steps, cfg 1 (1 pass/step)",
+                           "dpmpp_2m", 8,
                            denoiser=AdaptedDenoiser(base, adapter, default_scale=TEACHER_CFG)))
     return out
 
@@ -88,6 +95,7 @@ def run_demo(out_dir: str | Path = "fewstep-report", per_class: int = 36, seed: 
     out = write_report(rows, images, out_dir, extra={"floors": floors, "per_class": per_class, "seed": seed})
     print()
     print(markdown_table(rows))
+    print(timing_note(rows))
     print(f"FD floor (train vs held-out real digits): {floors['fd_floor']:.2f}   "
           f"FD ceiling (noise): {floors['fd_ceiling']:.2f}")
     print(f"report: {out.resolve()}/report.md  ({time.time() - t0:.0f} s)")

@@ -151,7 +151,9 @@ def _gpu_case(den: Any, path16: Path, batch: int, steps: int, repeats: int, cfg:
 
 
 def run(batch: int = 10, steps: int = 8, repeats: int = 20, threads: int | None = None, cfg: float = 2.0,
-        gpu: bool = True) -> dict[str, Any]:
+        gpu: bool = True, cpu: bool = True) -> dict[str, Any]:
+    """The CPU cases (unless ``cpu=False``) and the GPU case (when ``gpu`` and a CUDA device and execution provider
+    are there); the result dict is what ``onnx_speed.json`` holds."""
     import onnxruntime as ort
 
     from fewstep.core.export.exporter import export_onnx
@@ -168,12 +170,13 @@ def run(batch: int = 10, steps: int = 8, repeats: int = 20, threads: int | None 
         plain, folded = Path(tmp) / "teacher.onnx", Path(tmp) / "teacher_cfg.onnx"
         export_onnx(den, plain)
         export_onnx(CFGDenoiser(den, cfg, null=10), folded)
-        cpu = ["CPUExecutionProvider"]
+        on_cpu = ["CPUExecutionProvider"]
         result["cpu"] = [
-            _cpu_case("cond", den, OnnxDenoiser(plain, providers=cpu, threads=threads), batch, steps, repeats, None),
-            _cpu_case(f"cfg {cfg:g} folded", den, OnnxDenoiser(folded, providers=cpu, threads=threads), batch, steps,
-                      repeats, cfg),
-        ]
+            _cpu_case("cond", den, OnnxDenoiser(plain, providers=on_cpu, threads=threads), batch, steps, repeats,
+                      None),
+            _cpu_case(f"cfg {cfg:g} folded", den, OnnxDenoiser(folded, providers=on_cpu, threads=threads), batch,
+                      steps, repeats, cfg),
+        ] if cpu else []
         if not gpu:
             result["gpu"] = {"skipped": "disabled (--no-gpu)"}
         elif not torch.cuda.is_available():

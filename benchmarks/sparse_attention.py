@@ -86,7 +86,7 @@ def _time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 
 
 
 def _bench_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, densities: list[float],
-                   reps: int) -> list[dict[str, Any]]:
+                   reps: int, compile: bool = True) -> list[dict[str, Any]]:
     """Dense SDPA and every block-sparse path on one problem, at each density."""
     dev, cuda = q.device, q.device.type == "cuda"
     _, heads, s, d = q.shape
@@ -96,8 +96,9 @@ def _bench_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int
     for dens in densities:
         mask = random_block_mask(s, block, dens, heads, seed=s, device=dev)
         real = mask.density()
+        flex = "flex_compiled" if compile else "flex_eager"
         paths: dict[str, Callable[[], Any]] = {
-            "flex_compiled": lambda m=mask: flex_block_sparse_attention(q, k, v, m, compile=True)}
+            flex: lambda m=mask: flex_block_sparse_attention(q, k, v, m, compile=compile)}
         if cuda:
             if triton_unsupported_reason(q, k, v, mask) is None:
                 paths["triton"] = lambda m=mask: triton_block_sparse_attention(q, k, v, m)
@@ -125,10 +126,14 @@ def _bench_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int
     return rows
 
 
-def kernel_benchmark(quick: bool = False, device: str | None = None) -> dict[str, Any]:
+def kernel_benchmark(quick: bool = False, device: str | None = None, smoke: bool = False) -> dict[str, Any]:
+    """The kernel table: dense SDPA and every block-sparse path over sizes and densities. ``smoke``: one tiny CPU
+    problem without compilation (checks the pipeline, measures nothing worth reading)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
-    if cuda:
+    if smoke:
+        dtype, heads, block, seqs, dims, densities, reps = torch.float32, 2, 64, [256], [32], [0.5], 1
+    elif cuda:
         dtype, heads, block = torch.bfloat16, 16, 128
         seqs = [4096, 16384] if quick else [4096, 16384, 65536]
         dims = [64] if quick else [64, 128]
@@ -146,7 +151,7 @@ def kernel_benchmark(quick: bool = False, device: str | None = None) -> dict[str
             g = torch.Generator(device="cpu").manual_seed(s + d)
             q, k, v = (torch.randn(1, heads, s, d, generator=g).to(dev, dtype) for _ in range(3))
             with torch.no_grad():
-                rows += _bench_problem(q, k, v, block, densities, reps)
+                rows += _bench_problem(q, k, v, block, densities, reps, compile=not smoke)
     return {"device": machine().get("device", "cpu"), "dtype": str(dtype).replace("torch.", ""), "heads": heads,
             "block": block, "rows": rows}
 

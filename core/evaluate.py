@@ -3,12 +3,16 @@
 Shared by ``fewstep demo``, ``benchmarks/quality.py`` and the Lightning evaluation callback: generate every
 class with each setting (sampler, steps or explicit sigmas, CFG scale, optionally another denoiser such as a
 student), time it, and score the samples on the embedded benchmark (FD, class accuracy, precision, recall).
-Speed-ups are wall-time ratios against the first (baseline) setting measured in the same process.
+Speed-ups are wall-time ratios against the first (baseline) setting measured in the same process, robust to a busy
+machine: every setting is timed ``timing_repeats`` times on the same batch, interleaved round by round (baseline,
+setting 1, ..., baseline, setting 1, ...), and the ratio of medians is reported next to the NFE ratio; when the
+baseline's own repeats spread by more than ``NOISY_SPREAD`` the rows say the timing was noisy.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,12 @@ class Setting:
     sigmas: Tensor | None = None
     denoiser: nn.Module | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The chart label: ``group`` (a line over step counts), else the setting's own name."""
+        return self.group or self.name
 
     def resolve_sigmas(self, model_sampling) -> Tensor:
         if self.sigmas is not None:
@@ -67,8 +77,9 @@ def balanced_labels(per_class: int, num_classes: int = NUM_CLASSES) -> Tensor:
 
 @torch.no_grad()
 def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 0, batch_size: int = 250,
-             counter: CountingDenoiser | None = None) -> Tensor:
-    """Samples in [-1, 1] for ``labels`` with ``setting`` (seeded: the same seed gives the same noise)."""
+             counter: CountingDenoiser | None = None, device: str | torch.device | None = None) -> Tensor:
+    """Samples in [-1, 1] for ``labels`` with ``setting`` (seeded: the same seed gives the same noise, drawn on the
+    CPU and moved to ``device``, where the denoisers must already be)."""
     den = setting.denoiser or denoiser
     ms = den.model_sampling
     counted = counter or CountingDenoiser(den)
@@ -78,6 +89,8 @@ def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 
     sampler = get_sampler(setting.sampler)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(labels), 1, 16, 16), generator=g)
+    if device is not None:
+        noise, labels = noise.to(device), labels.to(device)
     out = []
     for i in range(0, len(labels), batch_size):
         n = noise[i: i + batch_size]
@@ -88,39 +101,98 @@ def generate(denoiser: nn.Module, setting: Setting, labels: Tensor, seed: int = 
     return torch.cat(out).clamp(-1, 1)
 
 
+#: relative spread ``(max - min) / median`` of the baseline's repeated timings above which the timing is called noisy
+NOISY_SPREAD = 0.15
+
+
+def spread(times: list[float]) -> float:
+    """``(max - min) / median`` of repeated timings."""
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med > 0 else 0.0
+
+
+def time_settings(denoiser: nn.Module, settings: list[Setting], labels: Tensor, repeats: int = 3, seed: int = 0,
+                  batch_size: int = 250, device: str | torch.device | None = None) -> list[list[float]]:
+    """Wall seconds of every setting on ``labels``, ``repeats`` times, interleaved: each round times every setting
+    once (alternating the order between rounds), so a load change on the machine hits all settings alike. On CUDA
+    each timing ends with a synchronize."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    times: list[list[float]] = [[] for _ in settings]
+    for r in range(repeats):
+        order = list(range(len(settings)))
+        if r % 2:
+            order.reverse()
+        for k in order:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            generate(denoiser, settings[k], labels, seed=seed, batch_size=batch_size, device=device)
+            if cuda:
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def run_settings(denoiser: nn.Module, settings: list[Setting], per_class: int = 20, seed: int = 0,
-                 batch_size: int = 250, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
-    """Generate and score every setting. Returns table rows and the generated images by setting name."""
+                 batch_size: int = 250, progress: bool = True, timing_repeats: int = 3,
+                 timing_per_class: int = 5) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Generate and score every setting; time them (``time_settings``: ``timing_repeats`` interleaved rounds on
+    ``timing_per_class`` samples of every class). Returns table rows and the generated images by setting name.
+
+    Each row has ``speedup`` (median baseline seconds / median seconds, the first setting is the baseline),
+    ``nfe_ratio`` (baseline NFE / NFE: the speed-up a machine with no overhead would show), the repeats'
+    ``seconds_repeats`` and ``spread``, and ``timing_noisy`` (the baseline's repeats spread by more than
+    ``NOISY_SPREAD``: treat the speed-ups as rough)."""
+    if timing_repeats < 1:
+        raise ValueError(f"timing_repeats must be >= 1 (the baseline is timed that many times), got {timing_repeats}")
     from .metrics.quality import evaluate_samples
 
     labels = balanced_labels(per_class)
     rows: list[dict[str, Any]] = []
     images: dict[str, Tensor] = {}
-    base_seconds = None
     bar = tqdm(settings, desc="settings", disable=not progress)
     for st in bar:
         bar.set_postfix_str(st.name)
         counter = CountingDenoiser(st.denoiser or denoiser)
-        t0 = time.perf_counter()
         imgs = generate(denoiser, st, labels, seed=seed, batch_size=batch_size, counter=counter)
-        secs = time.perf_counter() - t0
-        base_seconds = base_seconds or secs
         metrics = evaluate_samples(imgs, labels)
         sigmas = st.resolve_sigmas((st.denoiser or denoiser).model_sampling)
         rows.append({
-            "setting": st.name, "sampler": st.sampler, "steps": len(sigmas) - 1, "cfg": st.cfg,
-            "nfe": round(counter.sample_evals / len(labels), 2), "seconds": round(secs, 3),
-            "speedup": round(base_seconds / secs, 3), **{k: float(v) for k, v in metrics.items()},
+            "setting": st.name, "group": st.label, "sampler": st.sampler, "steps": len(sigmas) - 1, "cfg": st.cfg,
+            "nfe": round(counter.sample_evals / len(labels), 2), **{k: float(v) for k, v in metrics.items()},
         })
         images[st.name] = imgs
+    times = time_settings(denoiser, settings, balanced_labels(min(timing_per_class, per_class)),
+                          repeats=timing_repeats, seed=seed, batch_size=batch_size)
+    base, base_nfe = statistics.median(times[0]), rows[0]["nfe"]
+    noisy = timing_repeats > 1 and spread(times[0]) > NOISY_SPREAD
+    for row, ts in zip(rows, times):
+        med = statistics.median(ts)
+        row.update(seconds=round(med, 4), seconds_repeats=[round(t, 4) for t in ts], spread=round(spread(ts), 3),
+                   speedup=round(base / med, 3), nfe_ratio=round(base_nfe / row["nfe"], 3), timing_noisy=noisy)
     return rows, images
 
 
+def timing_note(rows: list[dict[str, Any]]) -> str:
+    """One line on how the speed-ups were measured, and a warning when the timing was noisy."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    n = len(r0.get("seconds_repeats", []))
+    note = (f"Speed-up: median wall time of {n} interleaved runs of the baseline ({r0['setting']}) over the "
+            f"setting's; NFE ratio: the baseline's network evaluations over the setting's.")
+    if r0.get("timing_noisy"):
+        note += (f" Timing was noisy: the baseline's runs spread by {r0['spread']:.0%} (> {NOISY_SPREAD:.0%}); the "
+                 "machine was busy, trust the NFE ratio more than the wall ratio.")
+    return note
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = "| setting | NFE | speed-up | FD | accuracy | precision | recall |\n|---|---|---|---|---|---|---|\n"
+    head = ("| setting | NFE | speed-up | NFE ratio | FD | accuracy | precision | recall |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['setting']} | {r['nfe']:g} | {r['speedup']:.2f}x | {r['fd']:.2f} | {r['accuracy']:.3f} | "
-        f"{r['precision']:.3f} | {r['recall']:.3f} |\n" for r in rows)
+        f"| {r['setting']} | {r['nfe']:g} | {r['speedup']:.2f}x | {r.get('nfe_ratio', float('nan')):.2f}x | "
+        f"{r['fd']:.2f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |\n" for r in rows)
     return head + body
 
 
@@ -142,7 +214,7 @@ def write_report(rows: list[dict[str, Any]], images: dict[str, Tensor], out_dir:
         with atomic_path(out / f"grid_{_slug(name)}.png") as tmp:
             to_uint8_grid(pick, nrow=k).save(tmp)
     write_text_atomic(out / "report.json", json.dumps({"rows": rows, **(extra or {})}, indent=2))
-    md = "# fewstep demo report\n\n" + markdown_table(rows)
+    md = "# fewstep demo report\n\n" + markdown_table(rows) + "\n" + timing_note(rows) + "\n"
     if extra and extra.get("floors"):
         f = extra["floors"]
         md += f"\nFD floor (train vs held-out digits): {f['fd_floor']:.2f}; FD ceiling (noise): {f['fd_ceiling']:.2f}\n"
@@ -161,7 +233,7 @@ def plot_quality(rows: list[dict[str, Any]], path: Path, floors: dict | None = N
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(f"{r['sampler']} cfg={r['cfg']:g}", []).append(r)
+        groups.setdefault(r.get("group") or r["setting"], []).append(r)
     for label, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["nfe"])
         axes[0].plot([r["nfe"] for r in rs], [r["fd"] for r in rs], "o-", label=label)
@@ -175,10 +247,11 @@ def plot_quality(rows: list[dict[str, Any]], path: Path, floors: dict | None = N
     axes[1].set(xscale="log", xlabel="NFE", ylabel="class accuracy", title="class accuracy vs NFE")
     axes[2].set(xscale="log", xlabel="wall-time speed-up vs baseline (same run)", ylabel="FD", yscale="log",
                 title="quality vs speed-up")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, title="setting")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 

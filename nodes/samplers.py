@@ -20,14 +20,15 @@ from comfy_api.latest import io
 from torch import Tensor
 
 from ..core.sampling import samplers as core
-from ..core.sampling.samplers import is_flow
+from ..core.sampling.model_sampling import is_flow
+from ..core.sampling.registry import names
 from ._comfy import make_guider, model_sampling_of, run_in_guider
 
 CATEGORY = "fewstep/samplers"
 TARGET_SIGMA_KEY = "fewstep_target_sigma"
 
-TEACHER_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "uni_pc")
-DISTILLED_SAMPLERS = ("lcm", "tcd", "dmd", "flow_map", "onestep")
+TEACHER_SAMPLERS = names("teacher")  # euler, euler_ancestral, heun, dpmpp_2m, uni_pc (core.sampling.registry)
+DISTILLED_SAMPLERS = names("distilled")  # lcm, tcd, dmd, flow_map, onestep
 
 
 def _guard(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -27,6 +27,7 @@ from fewstep.core.export import np_sampling as nps  # noqa: E402
 from fewstep.core.export.runtime import OnnxDenoiser, OnnxInputError, OnnxModelError, generate  # noqa: E402
 from fewstep.core.models import EDM, Denoiser, DiscreteVP, FlowMatching, GaussianMixtureDenoiser, toy_mixture  # noqa: E402
 from fewstep.core.sampling import get_sampler, get_sigmas, timestep_list  # noqa: E402
+from fewstep.core.sampling.registry import REGISTRY, RUNTIME_SAMPLERS  # noqa: E402
 
 SAMPLINGS = {
     "vp-eps": lambda: DiscreteVP("eps", "scaled_linear"),
@@ -105,9 +106,10 @@ def _samplers_pair(noise):
 
 
 @pytest.mark.parametrize("kind", ["vp-eps", "vp-v-linear", "flow", "edm"])
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "lcm", "dmd", "flow_map", "onestep"])
+@pytest.mark.parametrize("sampler", RUNTIME_SAMPLERS)
 def test_sampler_twin_on_exact_denoiser(kind, sampler):
-    """Same update rules: the numpy sampler on the exact Gaussian-mixture denoiser equals the torch one."""
+    """Same update rules: every runtime sampler of the registry on numpy, on the exact Gaussian-mixture denoiser,
+    equals the torch one."""
     ms = SAMPLINGS[kind]()
     den = GaussianMixtureDenoiser(toy_mixture(dim=2, components=4), ms)
     npden = NpDenoiser(den)
@@ -116,13 +118,32 @@ def test_sampler_twin_on_exact_denoiser(kind, sampler):
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
     x = ms.noise_scaling(sig[0], noise, torch.zeros_like(noise))
     opts_t, opts_n = {}, {}
-    if sampler in ("lcm", "dmd"):
+    if REGISTRY[sampler].ancestral:
         opts_t["noise_sampler"], opts_n["noise_sampler"] = _samplers_pair(_shared_noise((16, 2), 6))
     if sampler == "flow_map":
         opts_t["target_key"] = opts_n["target_key"] = None
     ref = get_sampler(sampler)(den, x, sig, disable=True, **opts_t).numpy()
     out = nps.get_sampler(sampler)(npden, x.numpy(), sig.numpy(), **opts_n)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", ["vp-eps", "flow"])
+@pytest.mark.parametrize("sampler", [n for n, spec in REGISTRY.items() if spec.family != "composite"])
+def test_every_sampler_is_written_once_for_numpy_and_torch(kind, sampler):
+    """Not only the runtime's: every sampler runs on numpy arrays with the same result as on tensors (the update
+    rules exist once), so offering one more in the runtime is a registry flag."""
+    ms = SAMPLINGS[kind]()
+    den = GaussianMixtureDenoiser(toy_mixture(dim=2, components=4), ms)
+    sig = get_sigmas("flow_shift" if kind == "flow" else "karras", ms, 5)
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    x = ms.noise_scaling(sig[0], noise, torch.zeros_like(noise))
+    opts_t, opts_n = {}, {}
+    if REGISTRY[sampler].ancestral:
+        opts_t["noise_sampler"], opts_n["noise_sampler"] = _samplers_pair(_shared_noise((8, 2), 5))
+    ref = get_sampler(sampler)(den, x, sig, disable=True, **opts_t).numpy()
+    out = get_sampler(sampler)(NpDenoiser(den), x.numpy(), sig.numpy(), disable=True, **opts_n)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 # ----------------------------------------------------------------------------------- hand-made ONNX graphs
@@ -208,7 +229,7 @@ def test_onnx_denoiser_full_sample_parity(toy, sampler, io_binding):
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * sig[0]
     y = torch.tensor([0, 3, 9, 10, 4])
     opts_t, opts_n = {}, {}
-    if sampler in ("lcm", "dmd"):
+    if REGISTRY[sampler].ancestral:
         opts_t["noise_sampler"], opts_n["noise_sampler"] = _samplers_pair(_shared_noise(x.shape, 4))
     ref = get_sampler(sampler)(den, x, sig, extra_args={"class_labels": y}, disable=True, **opts_t).numpy()
     out = nps.get_sampler(sampler)(model, x.numpy(), sig.numpy(), extra_args={"class_labels": y.numpy()}, **opts_n)

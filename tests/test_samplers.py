@@ -17,6 +17,8 @@ from fewstep.core.sampling import (
     sample_lcm,
     sample_tcd,
 )
+from fewstep.core.sampling import samplers as samplers_module
+from fewstep.core.sampling.registry import ANCESTRAL_SAMPLERS, REGISTRY, RUNTIME_SAMPLERS, names
 
 
 def _setup(ms, n=256, dim=2, seed=0):
@@ -87,7 +89,8 @@ def test_seeded_samplers_reproducible():
     ms = DiscreteVP("eps", "scaled_linear")
     den, x = _setup(ms, n=16)
     sig = get_sigmas("karras", ms, 4)
-    for name in ("euler_ancestral", "lcm", "tcd", "dmd"):
+    assert set(ANCESTRAL_SAMPLERS) == {"euler_ancestral", "lcm", "tcd", "dmd"}
+    for name in ANCESTRAL_SAMPLERS:
         a = get_sampler(name)(den, x, sig, extra_args={"seed": 7}, disable=True)
         b = get_sampler(name)(den, x, sig, extra_args={"seed": 7}, disable=True)
         c = get_sampler(name)(den, x, sig, extra_args={"seed": 8}, disable=True)
@@ -105,6 +108,25 @@ def test_nfe_and_callbacks():
         get_sampler(name)(den, x, sig, callback=lambda d, seen=seen: seen.append(d["i"]), disable=True)
         assert den.calls == NFE[name](5), name
         assert seen and seen[0] == 0, name
+
+
+def test_registry_is_the_one_list():
+    """Every sampler function is registered, every registry entry names a function, and the flags agree with the
+    signatures (an ancestral sampler takes a noise sampler)."""
+    import inspect
+
+    functions = {n for n in dir(samplers_module) if n.startswith("sample_")}
+    assert functions == {s.function for s in REGISTRY.values()}
+    assert set(SAMPLERS) == set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        params = inspect.signature(SAMPLERS[name]).parameters
+        assert list(params)[:6] == ["model", "x", "sigmas", "extra_args", "callback", "disable"], name
+        if spec.ancestral:
+            assert "noise_sampler" in params, name
+        assert spec.family in ("teacher", "distilled", "composite"), name
+    assert RUNTIME_SAMPLERS == ("euler", "dpmpp_2m", "lcm", "dmd", "flow_map", "onestep")
+    assert names("teacher") == ("euler", "euler_ancestral", "heun", "dpmpp_2m", "uni_pc")
+    assert NFE["heun"](5) == 9 and NFE["onestep"](5) == 1 and NFE["dmd"](4) == 4
 
 
 def test_onestep_and_hybrid():

@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..sampling.registry import RUNTIME_SAMPLERS
+
 METADATA_KEY = "fewstep"
 FORMAT = "fewstep-onnx"
 VERSION = 1
@@ -41,8 +43,9 @@ VERSION = 1
 ROLES = ("sample", "timestep", "condition", "guidance", "target")
 GUIDANCE_MODES = ("cfg_folded", "embedded")
 GUIDANCE_CONVENTIONS = ("fewstep", "lcm_omega")
-#: samplers the numpy runtime implements (the update rules of ``core.sampling.samplers``)
-RUNTIME_SAMPLERS = ("euler", "dpmpp_2m", "lcm", "dmd", "flow_map", "onestep")
+#: samplers the numpy runtime offers: ``RUNTIME_SAMPLERS`` re-exported from ``core.sampling.registry``
+__all__ = ["FORMAT", "GUIDANCE_CONVENTIONS", "GUIDANCE_MODES", "METADATA_KEY", "ROLES", "RUNTIME_SAMPLERS",
+           "RUNTIME_SCHEDULES", "VERSION", "OnnxModelError", "dumps", "guidance_scale_to_input", "parse", "validate"]
 #: named schedules the numpy runtime implements (``core.sampling.schedules``), plus explicit lists
 RUNTIME_SCHEDULES = ("simple", "uniform", "normal", "sgm_uniform", "karras", "exponential", "flow_shift")
 

@@ -284,7 +284,7 @@ def generate(model: OnnxDenoiser, n: int | None = None, *, class_labels: Sequenc
     x = ms.noise_scaling(sig[0], noise, np.zeros_like(noise), max_denoise=max_denoise).astype(np.float32)
     if guidance_scale is not None:
         extra["guidance_scale"] = guidance_scale
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"disable": True}
     if name in nps.STOCHASTIC:
         kwargs["noise_sampler"] = lambda s, sn: rng.standard_normal(x.shape, dtype=np.float32)
     if name == "flow_map":

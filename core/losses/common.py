@@ -11,22 +11,13 @@ import math
 import torch
 from torch import Tensor
 
-from ..models.model_sampling import _bcast, flow_time_shift
-
-
-def is_flow_sampling(model_sampling) -> bool:
-    """True for rectified-flow / flow-matching model samplings."""
-    if getattr(model_sampling, "prediction", None) == "flow":
-        return True
-    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+from ..sampling.model_sampling import alpha_sigma, broadcast_sigma, flow_time_shift
+from ..sampling.model_sampling import is_flow as is_flow_sampling  # the losses' historical name
 
 
 def signal_noise(model_sampling, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """``(a, s)`` with ``x = a x0 + s n`` at ``sigma`` (same shape as ``sigma``)."""
-    sigma = torch.as_tensor(sigma)
-    if is_flow_sampling(model_sampling):
-        return 1.0 - sigma, sigma
-    return torch.ones_like(sigma), sigma
+    """``(a, s)`` with ``x = a x0 + s n`` at ``sigma`` (same shape as ``sigma``): ``alpha_sigma`` on a tensor."""
+    return alpha_sigma(model_sampling, torch.as_tensor(sigma))
 
 
 def sigma_at_fraction(model_sampling, u: Tensor) -> Tensor:
@@ -71,7 +62,7 @@ def ddim_transfer(model_sampling, x: Tensor, x0: Tensor, sigma: Tensor, sigma_to
     and ``sigma_to = sigma`` gives ``x``. Per-sample ``(B,)`` sigmas broadcast over ``x``."""
     a, s = signal_noise(model_sampling, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
     a2, s2 = signal_noise(model_sampling, torch.as_tensor(sigma_to, dtype=x.dtype, device=x.device))
-    a, s, a2, s2 = (_bcast(v, x) for v in (a, s, a2, s2))
+    a, s, a2, s2 = (broadcast_sigma(v, x) for v in (a, s, a2, s2))
     ratio = s2 / s.clamp(min=1e-20)
     return a2 * x0 + ratio * (x - a * x0)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .model_sampling import _bcast
+from .model_sampling import broadcast_sigma
 
 
 def lcm_boundary_scalings(timestep: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
@@ -39,4 +39,4 @@ class ConsistencyBoundary(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out = lcm_boundary_scalings(ms.timestep(sigma).round(), self.sigma_data, self.timestep_scaling)
         x0 = self.denoiser(x, sigma, **cond)
-        return _bcast(c_out, x) * x0 + _bcast(c_skip, x) * ms.calculate_input(sigma, x)
+        return broadcast_sigma(c_out, x) * x0 + broadcast_sigma(c_skip, x) * ms.calculate_input(sigma, x)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .model_sampling import ModelSampling
+from .model_sampling import get_model_sampling as get_model_sampling  # re-exported: it moved to model sampling
 
 ModelCall = Callable[..., Tensor]
 
@@ -125,20 +126,3 @@ def _dtype_error(den: Denoiser, x: Tensor, err: RuntimeError) -> TypeError | Non
         return None
     return TypeError(f"{den.name}: input x is {x.dtype} but the model weights are {p.dtype}; cast the input "
                      f"(x.to({p.dtype})) or the model (.to({x.dtype})) so they match (torch: {str(err)[:160]})")
-
-
-def get_model_sampling(model: Any) -> ModelSampling | Any:
-    """Find the model sampling object of a fewstep ``Denoiser`` or of a ComfyUI ``KSampler`` model
-    (``model.inner_model.inner_model.model_sampling``)."""
-    probe = model
-    for _ in range(4):
-        ms = getattr(probe, "model_sampling", None)
-        if ms is not None:
-            return ms
-        probe = getattr(probe, "inner_model", None)
-        if probe is None:
-            break
-    raise AttributeError(
-        f"{type(model).__name__} has no model_sampling; wrap it with fewstep.core.models.Denoiser(model, "
-        "model_sampling) or pass a ComfyUI model"
-    )

@@ -7,46 +7,44 @@
 VP/EDM models, ``a = 1 - s`` for flow models). Multistep and exponential-integrator updates are
 written with general ``(alpha, sigma)`` so they are exact for both; for ``alpha = 1`` they are
 literally k-diffusion's / ComfyUI's formulas.
+
+Every sampler is written once over an array namespace (``core.sampling.xp``): given torch tensors it runs under
+``torch.no_grad`` as the core and ComfyUI's KSAMPLER use it; given numpy arrays (and a model on numpy arrays, such
+as ``core.export.runtime.OnnxDenoiser``) it is the torch-free ONNX runtime's sampler. Names, flags and NFE live in
+``registry.py``. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
-from torch import Tensor
-from tqdm.auto import trange
-
-from ..models.denoiser import get_model_sampling
+from .model_sampling import alpha_sigma, get_model_sampling, is_flow
+from .registry import NFE as NFE  # re-exported: the registry holds it
+from .registry import REGISTRY
 from .schedules import check_sigmas
-
-NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+from .xp import Array, NoiseSampler, array_namespace
 
 
 # --------------------------------------------------------------------------------------- helpers
-def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
-    """Fresh Gaussian noise per call, seeded like ComfyUI's ``default_noise_sampler``."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed))
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
+def default_noise_sampler(x: Array, seed: int | None = None) -> NoiseSampler:
+    """Fresh Gaussian noise per call: seeded like ComfyUI's ``default_noise_sampler`` for torch, numpy's PCG64
+    for numpy arrays."""
+    return array_namespace(x).noise_sampler(x, seed)
 
 
-def is_flow(model_sampling: Any) -> bool:
-    """True for rectified-flow / flow-matching model samplings (fewstep's ``FlowMatching`` or ComfyUI's ``CONST``)."""
-    if getattr(model_sampling, "prediction", None) == "flow":
-        return True
-    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+def _sampler(fn: Callable[..., Array]) -> Callable[..., Array]:
+    """Run a sampler in the namespace of ``x``: under ``torch.no_grad`` for tensors, with numpy's log(0)
+    warnings silenced for arrays (a flow model at sigma = 1 has alpha = 0)."""
 
+    @functools.wraps(fn)
+    def run(model: Any, x: Array, sigmas: Array, *args: Any, **kwargs: Any) -> Array:
+        ns = array_namespace(x)
+        with ns.no_grad(), ns.errstate():
+            return fn(model, x, sigmas, *args, **kwargs)
 
-def alpha_sigma(model: Any, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Signal and noise coefficients ``(a, s)`` with ``x = a x0 + s n`` in the sampler's space."""
-    if is_flow(get_model_sampling(model)):
-        return 1.0 - sigma, sigma
-    return torch.ones_like(sigma), sigma
+    return run
 
 
 def _is_discrete_vp(model_sampling: Any) -> bool:
@@ -55,17 +53,33 @@ def _is_discrete_vp(model_sampling: Any) -> bool:
             and (hasattr(model_sampling, "num_timesteps") or hasattr(model_sampling, "log_sigmas")))
 
 
-def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
+def _lambda(xp: Any, alpha: Array, sigma: Array) -> Array:
     """Half log-SNR ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver, sec. 3.1)."""
-    return alpha.log() - sigma.log()
+    return xp.log(alpha) - xp.log(sigma)
 
 
-def _prepare(model, x: Tensor, sigmas: Tensor, extra_args: dict | None):
-    sigmas = check_sigmas(sigmas).to(x.device)
-    if not torch.is_tensor(x) or x.ndim < 2:
-        raise ValueError(f"x must be a batched tensor (B, ...), got {type(x).__name__} {getattr(x, 'shape', '')}")
+def _prepare(model: Any, x: Array, sigmas: Any, extra_args: dict | None) -> tuple[Any, Array, dict, Array]:
+    try:
+        xp = array_namespace(x)
+    except TypeError:
+        xp = None
+    if xp is None or getattr(x, "ndim", 0) < 2:
+        raise ValueError(f"x must be a batched tensor or array (B, ...), got {type(x).__name__} "
+                         f"{getattr(x, 'shape', '')}")
+    sigmas = xp.asarray(check_sigmas(sigmas, xp=xp.name), like=x)
     extra_args = {} if extra_args is None else extra_args
-    return sigmas, extra_args, x.new_ones([x.shape[0]])
+    return xp, sigmas, extra_args, xp.ones(x.shape[0], like=x)
+
+
+def _steps(n: int, disable: bool | None) -> Iterable[int]:
+    """``range(n)`` with tqdm's progress bar unless ``disable`` (tqdm's rule: ``None`` shows it on a terminal)."""
+    if disable is True:
+        return range(n)
+    try:
+        from tqdm.auto import trange
+    except ImportError:  # the torch-free runtime does not need tqdm
+        return range(n)
+    return trange(n, disable=disable)
 
 
 def _callback(callback, i, x, sigma, denoised):
@@ -73,38 +87,39 @@ def _callback(callback, i, x, sigma, denoised):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
 
 
-def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+def _to_d(x: Array, sigma: Array, denoised: Array) -> Array:
     """Karras ODE derivative ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022, eq. 4 for VE);
     for flow models it equals the velocity ``n - x0``."""
     return (x - denoised) / sigma
 
 
-def get_ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+def get_ancestral_step(sigma_from: Array, sigma_to: Array, eta: float = 1.0) -> tuple[Array, Array]:
     """Split a step into a deterministic part to ``sigma_down`` plus fresh noise ``sigma_up`` (k-diffusion)."""
     if not eta:
-        return sigma_to, torch.zeros_like(sigma_to)
-    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        return sigma_to, 0.0 * sigma_to
+    xp = array_namespace(sigma_to)
+    sigma_up = xp.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
 
 # ------------------------------------------------------------------------------ teacher samplers
-@torch.no_grad()
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+@_sampler
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Array:
     """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1 without the 2nd-order correction)."""
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
 
-@torch.no_grad()
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+@_sampler
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Array:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step to sigma=0 is Euler."""
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         d = _to_d(x, sigmas[i], denoised)
@@ -118,15 +133,15 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None) 
     return x
 
 
-@torch.no_grad()
+@_sampler
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                           noise_sampler=None) -> Tensor:
+                           noise_sampler=None) -> Array:
     """Ancestral Euler (k-diffusion): Euler to ``sigma_down`` then fresh noise ``sigma_up``.
     For flow models the split keeps ``x = a x0 + s n`` on the flow path (ComfyUI's RF variant)."""
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
     noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
     flow = is_flow(get_model_sampling(model))
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
@@ -141,59 +156,61 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
             downstep_ratio = 1 + (sn / s - 1) * eta
             sigma_down = sn * downstep_ratio
             alpha_ip1, alpha_down = 1 - sn, 1 - sigma_down
-            renoise = (sn**2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2).clamp(min=0) ** 0.5
+            renoise = xp.clip(sn**2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2, 0, None) ** 0.5
             x = x + _to_d(x, s, denoised) * (sigma_down - s)
             x = (alpha_ip1 / alpha_down) * x + noise_sampler(s, sn) * s_noise * renoise
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+@_sampler
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Array:
     """DPM-Solver++(2M), multistep data prediction (Lu et al. 2022, arXiv:2211.01095, Alg. 2):
     ``x_t = (s_t/s_s) x_s - a_t (e^{-h} - 1) [(1 + 1/2r) D_s - 1/2r D_prev]``."""
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    ms = get_model_sampling(model)
     old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        a, s = alpha_sigma(model, sigmas[i])
-        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
-        h = _lambda(a_n, s_n) - _lambda(a, s)
+        a, s = alpha_sigma(ms, sigmas[i])
+        a_n, s_n = alpha_sigma(ms, sigmas[i + 1])
+        h = _lambda(xp, a_n, s_n) - _lambda(xp, a, s)
         if old_denoised is None:
-            x = (s_n / s) * x - a_n * (-h).expm1() * denoised
+            x = (s_n / s) * x - a_n * xp.expm1(-h) * denoised
         else:
             r = h_last / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s_n / s) * x - a_n * (-h).expm1() * denoised_d
+            x = (s_n / s) * x - a_n * xp.expm1(-h) * denoised_d
         old_denoised, h_last = denoised, h
     return x
 
 
-@torch.no_grad()
-def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+@_sampler
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Array:
     """UniPC-2 with the B(h) = e^h - 1 ("bh2") variant (Zhao et al. 2023, arXiv:2302.04867, Alg. 2 and 3).
 
     Predictor UniP-2 (equal to DPM-Solver++(2M)), then corrector UniC-2 which reuses the model value at
     the predicted point: no extra evaluation. Data-prediction form; the last step to sigma=0 returns x0.
     """
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    ms = get_model_sampling(model)
     denoised = model(x, sigmas[0] * s_in, **extra_args)
     _callback(callback, 0, x, sigmas[0], denoised)
     prev = None  # (denoised, lambda) of the step before
     n = len(sigmas) - 1
-    for i in trange(n, disable=disable):
+    for i in _steps(n, disable):
         if sigmas[i + 1] == 0:
             return denoised
-        a, s = alpha_sigma(model, sigmas[i])
-        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
-        lam, lam_n = _lambda(a, s), _lambda(a_n, s_n)
+        a, s = alpha_sigma(ms, sigmas[i])
+        a_n, s_n = alpha_sigma(ms, sigmas[i + 1])
+        lam, lam_n = _lambda(xp, a, s), _lambda(xp, a_n, s_n)
         h = lam_n - lam
         hh = -h
-        h_phi_1 = hh.expm1()  # e^{-h} - 1
-        b_h = hh.expm1()  # bh2
+        h_phi_1 = xp.expm1(hh)  # e^{-h} - 1
+        b_h = xp.expm1(hh)  # bh2
         x_lin = (s_n / s) * x - a_n * h_phi_1 * denoised
         d1 = None
         if prev is not None:
@@ -219,17 +236,17 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None)
             rho0 = (b1 - b2) / det
             rho1 = (b2 - r1 * b1) / det
             x = x_lin - a_n * b_h * (rho0 * d1 + rho1 * d1_t)
-        prev = (denoised, lam) if torch.isfinite(lam) else None  # pure noise (flow, a=0) has no slope
+        prev = (denoised, lam) if xp.isfinite(lam) else None  # pure noise (flow, a=0) has no slope
         denoised = denoised_n
     return x
 
 
 # ---------------------------------------------------------------------------- distilled samplers
-def _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler) -> Tensor:
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+def _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler) -> Array:
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
     noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
     ms = get_model_sampling(model)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         x = denoised
@@ -238,24 +255,24 @@ def _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler) 
     return x
 
 
-@torch.no_grad()
-def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Tensor:
+@_sampler
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Array:
     """Multistep consistency sampling (Song et al. 2023, Consistency Models, Alg. 1; LCM, Luo et al. 2023,
     Alg. 3): jump to x0 with the consistency function, re-noise to the next sigma with fresh noise."""
     return _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler)
 
 
-@torch.no_grad()
-def sample_dmd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Tensor:
+@_sampler
+def sample_dmd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None) -> Array:
     """DMD2 multistep generation (Yin et al. 2024, "Improved Distribution Matching Distillation", sec. 4.3):
     the generator predicts x0 at each of its training timesteps (e.g. 999/749/499/249) and the prediction is
     forward-diffused to the next one with fresh noise. Same update as multistep consistency sampling."""
     return _x0_renoise(model, x, sigmas, extra_args, callback, disable, noise_sampler)
 
 
-@torch.no_grad()
+@_sampler
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
-               gamma: float = 0.3, quantize: bool | None = None) -> Tensor:
+               gamma: float = 0.3, quantize: bool | None = None) -> Array:
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, eq. 16-17).
 
     From ``x_t``: predict x0 and eps, move deterministically (DDIM) to ``s = (1 - gamma) * t_next``
@@ -266,47 +283,47 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD gamma must be in [0, 1], got {gamma}")
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
     noise_sampler = noise_sampler or default_noise_sampler(x, seed=extra_args.get("seed"))
     ms = get_model_sampling(model)
     if quantize is None:
         quantize = _is_discrete_vp(ms)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in _steps(len(sigmas) - 1, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, i, x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        a, s = alpha_sigma(model, sigmas[i])
+        a, s = alpha_sigma(ms, sigmas[i])
         eps = (x - a * denoised) / s
         if gamma == 0:
             sig_s = sigmas[i + 1]
         elif _is_discrete_vp(ms):  # discrete VP: s = (1 - gamma) t_next in model timesteps
             t_s = ms.timestep(sigmas[i + 1]) * (1 - gamma)
             if quantize:
-                t_s = t_s.floor()
-            sig_s = torch.minimum(ms.sigma(t_s).to(x.device, torch.float32).reshape(()), sigmas[i + 1])
+                t_s = xp.floor(t_s)
+            sig_s = xp.minimum(xp.astype(xp.asarray(ms.sigma(t_s), like=x), xp.float32).reshape(()), sigmas[i + 1])
         else:  # flow (timestep = sigma * multiplier) and continuous models: scale sigma directly
             sig_s = (1 - gamma) * sigmas[i + 1]
-        a_s, s_s = alpha_sigma(model, sig_s)
+        a_s, s_s = alpha_sigma(ms, sig_s)
         x = a_s * denoised + s_s * eps
-        a_n, s_n = alpha_sigma(model, sigmas[i + 1])
-        renoise = (s_n**2 - (a_n * s_s / a_s) ** 2).clamp(min=0) ** 0.5
+        a_n, s_n = alpha_sigma(ms, sigmas[i + 1])
+        renoise = xp.clip(s_n**2 - (a_n * s_s / a_s) ** 2, 0, None) ** 0.5
         x = (a_n / a_s) * x + renoise * noise_sampler(sig_s, sigmas[i + 1])
     return x
 
 
-@torch.no_grad()
+@_sampler
 def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                    target_key: str | None = "sigma_next") -> Tensor:
+                    target_key: str | None = "sigma_next") -> Array:
     """Any-step sampling with a flow map (Boffi et al. 2025, "How to build a consistency model: learning flow
     maps"; Sabour et al. 2025, "Align Your Flow", eq. 3): ``x_s = x_t + (s - t) u(x_t, t, s)``.
 
     The model receives the target sigma as ``extra_args[target_key]`` and returns the x0 whose Euler step lands
     on ``x_s``; a model that ignores the target (``target_key=None``) makes this plain Euler.
     """
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
-    for i in trange(len(sigmas) - 1, disable=disable):
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    for i in _steps(len(sigmas) - 1, disable):
         kw = dict(extra_args)
         if target_key:
             kw[target_key] = sigmas[i + 1] * s_in
@@ -319,20 +336,20 @@ def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-@torch.no_grad()
-def sample_onestep(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+@_sampler
+def sample_onestep(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Array:
     """One-step generation (one-step rectified flow, InstaFlow, Liu et al. 2024; DMD one-step): a single
     evaluation at ``sigmas[0]`` gives the sample. Extra sigmas are ignored by design."""
-    sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
+    xp, sigmas, extra_args, s_in = _prepare(model, x, sigmas, extra_args)
     denoised = model(x, sigmas[0] * s_in, **extra_args)
     _callback(callback, 0, x, sigmas[0], denoised)
     return denoised
 
 
-@torch.no_grad()
+@_sampler
 def sample_hybrid(model, x, sigmas, extra_args=None, callback=None, disable=None, distilled_model=None,
                   base_steps: int = 1, base_sampler: str = "euler", distilled_sampler: str = "lcm",
-                  distilled_extra_args: dict | None = None, **options) -> Tensor:
+                  distilled_extra_args: dict | None = None, **options) -> Array:
     """Hybrid base -> distilled sampling (diversity distillation, Gandikota & Bau 2025, "Distilling Diversity and
     Control in Diffusion Models"): the base model sets the composition in the first ``base_steps`` steps (where
     distilled models lose diversity), the distilled model finishes the remaining steps."""
@@ -353,27 +370,11 @@ def sample_hybrid(model, x, sigmas, extra_args=None, callback=None, disable=None
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "uni_pc": sample_unipc,
-    "lcm": sample_lcm,
-    "tcd": sample_tcd,
-    "dmd": sample_dmd,
-    "flow_map": sample_flow_map,
-    "onestep": sample_onestep,
-    "hybrid": sample_hybrid,
-}
-
-#: model evaluations a sampler spends on ``n`` steps (heun skips the 2nd evaluation on the last step to 0).
-NFE: dict[str, Callable[[int], int]] = {name: (lambda n: n) for name in SAMPLERS}
-NFE["heun"] = lambda n: 2 * n - 1
-NFE["onestep"] = lambda n: 1
+#: name -> function for every sampler of ``registry.REGISTRY`` (its flags and NFE live there)
+SAMPLERS: dict[str, Callable[..., Array]] = {name: globals()[spec.function] for name, spec in REGISTRY.items()}
 
 
-def get_sampler(name: str) -> Callable[..., Tensor]:
+def get_sampler(name: str) -> Callable[..., Array]:
     """A sampler function by name (one of ``SAMPLERS``)."""
     try:
         return SAMPLERS[name]

@@ -1,103 +1,119 @@
-"""Noise schedules: plain functions that return a decreasing sigma tensor ending in 0.
+"""Noise schedules: plain functions that return a decreasing sigma array ending in 0.
 
-Names and formulas follow k-diffusion / ComfyUI so a schedule is interchangeable between them.
+Names and formulas follow k-diffusion / ComfyUI so a schedule is interchangeable between them. Each is written once
+over an array namespace (``core.sampling.xp``): torch tensors by default, numpy arrays with ``xp="numpy"`` or a
+numpy model sampling (the torch-free ONNX runtime, ``core.export.np_sampling``). Results are float32.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
-import torch
-from torch import Tensor
-
-from ..models.model_sampling import ModelSampling, flow_time_shift
-
-
-def append_zero(x: Tensor) -> Tensor:
-    return torch.cat([x, x.new_zeros([1])])
+from .model_sampling import ModelSampling, flow_time_shift
+from .xp import Array, array_namespace, namespace
 
 
-def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+def _ns_of(model_sampling: Any) -> Any:
+    """The namespace of a model sampling: its own for fewstep's, torch for ComfyUI's."""
+    return namespace(getattr(model_sampling, "xp_name", "torch"))
+
+
+def append_zero(x: Array) -> Array:
+    ns = array_namespace(x)
+    return ns.concatenate([x, ns.zeros_like(x[:1])])
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, xp: str = "torch") -> Array:
     """Karras et al. 2022, eq. 5: ``sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
     _check_steps(n)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ns = namespace(xp)
+    ramp = ns.linspace(0, 1, n, dtype=ns.float64)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return append_zero((max_inv + ramp * (min_inv - max_inv)) ** rho).float()
+    return ns.astype(append_zero((max_inv + ramp * (min_inv - max_inv)) ** rho), ns.float32)
 
 
-def exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+def exponential(n: int, sigma_min: float, sigma_max: float, xp: str = "torch") -> Array:
     """Uniform in log-sigma (k-diffusion ``get_sigmas_exponential``)."""
     _check_steps(n)
-    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()).float()
+    ns = namespace(xp)
+    log_sigmas = ns.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=ns.float64)
+    return ns.astype(append_zero(ns.exp(log_sigmas)), ns.float32)
 
 
-def simple(model_sampling: ModelSampling, n: int) -> Tensor:
+def simple(model_sampling: ModelSampling, n: int) -> Array:
     """ComfyUI's "simple": every ``len(sigmas)/n``-th of the model's training sigmas, from the top."""
     _check_steps(n)
+    ns = _ns_of(model_sampling)
     sigmas = _training_sigmas(model_sampling)
     ss = len(sigmas) / n
-    return append_zero(torch.stack([sigmas[-(1 + int(i * ss))] for i in range(n)]).float())
+    return append_zero(ns.astype(ns.stack([sigmas[-(1 + int(i * ss))] for i in range(n)]), ns.float32))
 
 
-def uniform(model_sampling: ModelSampling, n: int, sgm: bool = False) -> Tensor:
+def uniform(model_sampling: ModelSampling, n: int, sgm: bool = False) -> Array:
     """Uniform in timestep ("normal" in ComfyUI); ``sgm=True`` is SGM's "sgm_uniform" (drops the last point)."""
     _check_steps(n)
-    ms = model_sampling
+    ms, ns = model_sampling, _ns_of(model_sampling)
     shift = getattr(ms, "shift", None)
     if shift is not None:  # flow models: uniform in training time, then the time shift (as ComfyUI)
         t_min = float(ms.sigmas[0]) if not sgm else 0.0
-        ts = torch.linspace(1.0, t_min, n + 1)[:-1] if sgm else torch.linspace(1.0, t_min, n)
-        return append_zero(flow_time_shift(ts, shift).float())
-    start = float(ms.timestep(torch.tensor(ms.sigma_max)))
-    end = float(ms.timestep(torch.tensor(ms.sigma_min)))
+        ts = ns.linspace(1.0, t_min, n + 1, dtype=ns.float32)[:-1] if sgm else ns.linspace(1.0, t_min, n,
+                                                                                            dtype=ns.float32)
+        return append_zero(ns.astype(flow_time_shift(ts, shift), ns.float32))
+    start = float(ms.timestep(ns.asarray(ms.sigma_max, dtype=ns.float32)))
+    end = float(ms.timestep(ns.asarray(ms.sigma_min, dtype=ns.float32)))
     if sgm:
-        ts = torch.linspace(start, end, n + 1)[:-1]
+        ts = ns.linspace(start, end, n + 1, dtype=ns.float32)[:-1]
     else:
-        ts = torch.linspace(start, end, n)
-    return append_zero(torch.stack([ms.sigma(t).reshape(()) for t in ts]).float())
+        ts = ns.linspace(start, end, n, dtype=ns.float32)
+    return append_zero(ns.astype(ns.stack([ms.sigma(t).reshape(()) for t in ts]), ns.float32))
 
 
-def sgm_uniform(model_sampling: ModelSampling, n: int) -> Tensor:
+def sgm_uniform(model_sampling: ModelSampling, n: int) -> Array:
     return uniform(model_sampling, n, sgm=True)
 
 
-def flow_shift(n: int, shift: float = 3.0) -> Tensor:
+def flow_shift(n: int, shift: float = 3.0, xp: str = "torch") -> Array:
     """Rectified-flow schedule: uniform ``t`` in (1, 0] through the SD3 time shift (Esser et al. 2024, eq. 23)."""
     _check_steps(n)
-    return flow_time_shift(torch.linspace(1.0, 0.0, n + 1), shift).float()
+    ns = namespace(xp)
+    return ns.astype(flow_time_shift(ns.linspace(1.0, 0.0, n + 1, dtype=ns.float32), shift), ns.float32)
 
 
-def timestep_list(model_sampling: ModelSampling, timesteps: Sequence[float]) -> Tensor:
+def timestep_list(model_sampling: ModelSampling, timesteps: Sequence[float]) -> Array:
     """Sigmas at explicit model timesteps, e.g. DMD2's ``[999, 749, 499, 249]`` (Yin et al. 2024, sec. 4.3)."""
-    ts = torch.as_tensor(list(timesteps), dtype=torch.float32)
+    ns = _ns_of(model_sampling)
+    ts = ns.asarray(list(timesteps), dtype=ns.float32)
     if ts.ndim != 1 or len(ts) == 0:
         raise ValueError("timestep list must be a non-empty list of numbers")
     if (ts[1:] >= ts[:-1]).any():
         raise ValueError(f"timesteps must be strictly decreasing, got {ts.tolist()}")
-    return append_zero(torch.stack([model_sampling.sigma(t).reshape(()) for t in ts]).float())
+    return append_zero(ns.astype(ns.stack([model_sampling.sigma(t).reshape(()) for t in ts]), ns.float32))
 
 
-def _training_sigmas(ms: ModelSampling) -> Tensor:
+def _training_sigmas(ms: ModelSampling) -> Array:
     sigmas = getattr(ms, "sigmas", None)
     if sigmas is None:  # continuous models: a dense grid in timestep
-        ts = torch.linspace(float(ms.timestep(torch.tensor(ms.sigma_min))),
-                            float(ms.timestep(torch.tensor(ms.sigma_max))), 1000)
-        sigmas = torch.stack([ms.sigma(t).reshape(()) for t in ts])
+        ns = _ns_of(ms)
+        ts = ns.linspace(float(ms.timestep(ns.asarray(ms.sigma_min, dtype=ns.float32))),
+                         float(ms.timestep(ns.asarray(ms.sigma_max, dtype=ns.float32))), 1000, dtype=ns.float32)
+        sigmas = ns.stack([ms.sigma(t).reshape(()) for t in ts])
     return sigmas
 
 
 def _check_steps(n: int) -> None:
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
 
 
 SCHEDULES = ("simple", "uniform", "normal", "sgm_uniform", "karras", "exponential", "flow_shift")
 
 
-def get_sigmas(name: str, model_sampling: ModelSampling, steps: int, **kwargs) -> Tensor:
-    """Sigmas for ``steps`` steps by schedule name (one of ``SCHEDULES``) for a model."""
-    ms = model_sampling
+def get_sigmas(name: str, model_sampling: ModelSampling, steps: int, **kwargs: Any) -> Array:
+    """Sigmas for ``steps`` steps by schedule name (one of ``SCHEDULES``) for a model, in its array namespace."""
+    ms, xp = model_sampling, _ns_of(model_sampling).name
     if name == "simple":
         return simple(ms, steps)
     if name in ("uniform", "normal"):
@@ -105,21 +121,26 @@ def get_sigmas(name: str, model_sampling: ModelSampling, steps: int, **kwargs) -
     if name == "sgm_uniform":
         return sgm_uniform(ms, steps)
     if name == "karras":
-        return karras(steps, ms.sigma_min, ms.sigma_max, rho=kwargs.get("rho", 7.0))
+        return karras(steps, ms.sigma_min, ms.sigma_max, rho=kwargs.get("rho", 7.0), xp=xp)
     if name == "exponential":
-        return exponential(steps, ms.sigma_min, ms.sigma_max)
+        return exponential(steps, ms.sigma_min, ms.sigma_max, xp=xp)
     if name == "flow_shift":
-        return flow_shift(steps, kwargs.get("shift", getattr(ms, "shift", 3.0)))
+        return flow_shift(steps, kwargs.get("shift", getattr(ms, "shift", 3.0)), xp=xp)
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def check_sigmas(sigmas: Tensor) -> Tensor:
-    """Validate a sigma schedule: 1-D, at least two entries, finite, non-negative, strictly decreasing."""
-    if not isinstance(sigmas, Tensor):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
+def check_sigmas(sigmas: Any, xp: str = "torch") -> Array:
+    """Validate a sigma schedule: 1-D, at least two entries, finite, non-negative, strictly decreasing.
+
+    An array keeps its namespace and dtype; anything else becomes a float32 array of namespace ``xp``."""
+    if hasattr(sigmas, "ndim") and not isinstance(sigmas, (int, float)):
+        ns = array_namespace(sigmas)
+    else:
+        ns = namespace(xp)
+        sigmas = ns.asarray(sigmas, dtype=ns.float32)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
-    if not torch.isfinite(sigmas).all():
+    if not ns.isfinite(sigmas).all():
         raise ValueError(f"sigmas contain NaN or inf: {sigmas.tolist()}")
     if (sigmas < 0).any():
         raise ValueError(f"sigmas must be non-negative, got {sigmas.tolist()}")

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from ..models.denoiser import get_model_sampling
-from .samplers import NFE, get_sampler
+from .registry import NFE
+from .samplers import get_sampler
 from .schedules import append_zero, check_sigmas, karras
 
 
