@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from ... import __version__
 from ..guidance.cfg import CFGDenoiser
 from ..models.denoiser import Denoiser
+from ..sampling.model_sampling import is_flow
 from ..sampling.schedules import get_sigmas, timestep_list
 from . import metadata as md
 
 OUTPUT = "model_output"
-TWO_GB = 2**31
 #: models above this are saved with external data (protobuf's hard limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: classes known to export with a wrong graph at a new resolution, and why (checked by ``tests/test_export``)
@@ -214,7 +214,7 @@ def _unwrap(denoiser: nn.Module) -> tuple[Denoiser, CFGDenoiser | None, nn.Modul
 
 def _sampler_meta(ms: Any, sampler: str | None, schedule: str | None, steps: int | None,
                   timesteps: Sequence[float] | None, sigmas: Sequence[float] | Tensor | None) -> dict[str, Any]:
-    flow = getattr(ms, "prediction", None) == "flow"
+    flow = is_flow(ms)
     sampler = sampler or ("euler" if flow else "dpmpp_2m")
     if sampler not in md.RUNTIME_SAMPLERS:
         raise ValueError(f"sampler {sampler!r} has no ONNX runtime twin; choose one of {md.RUNTIME_SAMPLERS}")
