@@ -252,6 +252,35 @@ class DistillationModule(L.LightningModule):
                 full[k] = v
         return super().load_state_dict(full, strict=strict, assign=assign)
 
+    # ---------------------------------------------------------------------------------- sharding (FSDP2)
+    def configure_model(self) -> None:
+        """Under ``FSDP2Strategy`` shard teacher, student and critic (``callbacks.sharding``); else nothing."""
+        from .sharding import shard_module
+
+        shard_module(self)
+
+    def is_sharded(self) -> bool:
+        from .sharding import is_sharded
+
+        return is_sharded(self)
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self.is_sharded():
+            from .sharding import clip_grad_norm
+
+            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val))
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_after_backward(self) -> None:
+        """Sharded + automatic optimization: average the gradients of replicated parameters (guidance adapters);
+        FSDP averages the sharded ones."""
+        if self.automatic_optimization and self._trainer is not None and self.is_sharded():
+            from .sharding import sync_replicated_gradients
+
+            sync_replicated_gradients(self.student_trainable())
+
     # ---------------------------------------------------------------------------------- manual DDP sync
     def disable_ddp_reducer(self) -> None:
         """For manual optimization with several backward passes per step: gradients are averaged explicitly
@@ -268,6 +297,11 @@ class DistillationModule(L.LightningModule):
         """Average the gradients of ``params`` over processes (no-op for one process)."""
         world, _ = self.world()
         if world == 1:
+            return
+        if self.is_sharded():  # FSDP averaged the sharded gradients; average the replicated ones
+            from .sharding import sync_replicated_gradients
+
+            sync_replicated_gradients(params)
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from .sharding import full_tensor, like_param
+
 
 class StudentEMA(Callback):
     """EMA of the student's trainable parameters.
@@ -48,7 +50,7 @@ class StudentEMA(Callback):
             missing = sorted(set(params) ^ set(self.ema))
             if missing:
                 raise ValueError(f"StudentEMA state does not match the student's parameters ({missing[:4]} ...)")
-            self.ema = {k: v.to(params[k].device, params[k].dtype) for k, v in self.ema.items()}
+            self.ema = {k: like_param(v, params[k]) for k, v in self.ema.items()}  # sharded like its parameter
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._init(pl_module)
@@ -97,7 +99,9 @@ class StudentEMA(Callback):
             self._ctx = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
+        # sharded (FSDP2) averages are gathered: every process calls state_dict when a checkpoint is saved
+        return {"ema": None if self.ema is None else {k: full_tensor(v.detach()).cpu().clone()
+                                                      for k, v in self.ema.items()},
                 "updates": self.updates, "seen_version": self.seen_version, "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

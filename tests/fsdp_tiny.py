@@ -1,0 +1,73 @@
+"""FSDP2 runs of the tiny distillation problems (``distill_tiny``) for tests/test_lightning_fsdp.py (not a test module).
+
+    python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at]
+
+With ``devices > 1`` every fit runs under ``FSDP2Strategy`` (gloo on CPU). Per method it trains ``batches`` batches
+with a ``StudentEMA``, and, if ``resume_at`` is given, trains ``resume_at`` batches, saves a sharded checkpoint,
+and resumes it in a fresh module up to ``batches``. Rank 0 saves full (gathered) tensors of every run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distill_tiny as tiny  # noqa: E402
+
+
+def full_state(module) -> dict[str, torch.Tensor]:
+    """Every tensor of the module's state dict, gathered to full tensors (a collective under FSDP)."""
+    from fewstep.callbacks.sharding import full_tensor
+
+    return {k: full_tensor(v.detach()).clone() for k, v in module.state_dict().items()}
+
+
+def ema_state(ema) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in ema.state_dict()["ema"].items()}
+
+
+def fit(method: str, work: Path, batches: int, devices: int, ckpt_path: str | None = None,
+        save_to: Path | None = None, **over) -> tuple:
+    from fewstep.callbacks import StudentEMA
+    from fewstep.callbacks.sharding import FSDP2Strategy
+
+    module = tiny.build(method, work, **over)
+    ema = StudentEMA(0.5, warmup=False)
+    strategy = FSDP2Strategy() if devices > 1 else "auto"
+    t = tiny.trainer(module, batches, callbacks=[ema], devices=devices, strategy=strategy)
+    t.fit(module, ckpt_path=ckpt_path)
+    if save_to is not None:
+        t.save_checkpoint(save_to)
+    return t, module, ema
+
+
+def main(argv: list[str]) -> int:
+    method, out, devices, work = argv[0], Path(argv[1]), int(argv[2]), Path(argv[3])
+    batches = int(argv[4]) if len(argv) > 4 else 4
+    resume_at = int(argv[5]) if len(argv) > 5 else None
+    torch.set_num_threads(1)
+    results, rank = {}, 0
+    for m in (tiny.METHODS if method == "all" else method.split(",")):
+        t, module, ema = fit(m, work, batches, devices)
+        rank = t.global_rank
+        res = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),
+               "sharded": module.is_sharded()}
+        if resume_at is not None:
+            ckpt = work / f"{m}_sharded.ckpt"
+            fit(m, work, resume_at, devices, save_to=ckpt)
+            t2, resumed, ema2 = fit(m, work, batches, devices, ckpt_path=str(ckpt))
+            res["resumed"] = {"state": full_state(resumed), "ema": ema_state(ema2), "counters": resumed.counters(),
+                              "checkpoint_is_dir": ckpt.is_dir()}
+        results[m] = res
+    if rank == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save(results, tmp)
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
