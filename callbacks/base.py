@@ -224,9 +224,10 @@ class DistillationModule(L.LightningModule):
                 if not t.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ptrs = self._frozen_ptrs()
+        # a sharded checkpoint keeps the teacher's shards: Lightning's distributed load asks for every key
+        ptrs = self._frozen_ptrs() if not self.is_sharded() else set()
         sd = checkpoint.get("state_dict", {})
-        for k in [k for k, v in sd.items() if isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
+        for k in [k for k, v in sd.items() if ptrs and isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
             del sd[k]
         checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
 
@@ -244,6 +245,8 @@ class DistillationModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
+        if self.is_sharded():  # sharded checkpoints hold every key (see on_save_checkpoint)
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         own = self.state_dict()
         ptrs = self._frozen_ptrs()
         full = dict(state_dict)

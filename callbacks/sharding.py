@@ -126,6 +126,9 @@ def shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module
 
     if isinstance(net, FSDPModule):
         return net
+    # the root unit keeps its parameters gathered after a forward (FSDP2's default; resharding it breaks a backward
+    # through frozen parameters, e.g. the critic under the generator loss): after changing shards in place call
+    # ``reshard`` so that the next forward gathers them again
     kw = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy is not None else {})}
     for sub in outside_calls(net):
         fully_shard(sub, **kw)
@@ -144,6 +147,16 @@ def shard_module(module: nn.Module, mp_policy: Any = None) -> bool:
     for net in list(networks(module)):
         shard_network(net, mesh, mp_policy)
     return True
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP unit in ``module`` (call after writing into the shards in place,
+    e.g. swapping EMA weights in or out; a no-op for unsharded modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # ----------------------------------------------------------------------------------------------- gradients

@@ -1,6 +1,6 @@
 """FSDP2 runs of the tiny distillation problems (``distill_tiny``) for tests/test_lightning_fsdp.py (not a test module).
 
-    python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at]
+    python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at|-] [json overrides]
 
 With ``devices > 1`` every fit runs under ``FSDP2Strategy`` (gloo on CPU). Per method it trains ``batches`` batches
 with a ``StudentEMA``, and, if ``resume_at`` is given, trains ``resume_at`` batches, saves a sharded checkpoint,
@@ -9,6 +9,7 @@ and resumes it in a fresh module up to ``batches``. Rank 0 saves full (gathered)
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def ema_state(ema) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in ema.state_dict()["ema"].items()}
 
 
+def placement(module, trainer) -> dict[str, object]:
+    """How the module's tensors are held: sharded or not per network, and which parameters have optimizer state."""
+    from torch.distributed.tensor import DTensor
+
+    teacher = [p for p in module.teacher.parameters() if not p.requires_grad]
+    opt_ids = {id(p) for o in trainer.optimizers for p in o.state}
+    return {"teacher_params": len(teacher), "teacher_sharded": sum(isinstance(p, DTensor) for p in teacher),
+            "teacher_with_optimizer_state": sum(id(p) in opt_ids for p in teacher),
+            "student_sharded": sum(isinstance(p, DTensor) for p in module.student_trainable()),
+            "student_trainable": len(module.student_trainable())}
+
+
 def fit(method: str, work: Path, batches: int, devices: int, ckpt_path: str | None = None,
         save_to: Path | None = None, **over) -> tuple:
     from fewstep.callbacks import StudentEMA
@@ -47,14 +60,15 @@ def fit(method: str, work: Path, batches: int, devices: int, ckpt_path: str | No
 def main(argv: list[str]) -> int:
     method, out, devices, work = argv[0], Path(argv[1]), int(argv[2]), Path(argv[3])
     batches = int(argv[4]) if len(argv) > 4 else 4
-    resume_at = int(argv[5]) if len(argv) > 5 else None
+    resume_at = int(argv[5]) if len(argv) > 5 and argv[5] != "-" else None
+    over = json.loads(argv[6]) if len(argv) > 6 else {}
     torch.set_num_threads(1)
     results, rank = {}, 0
     for m in (tiny.METHODS if method == "all" else method.split(",")):
-        t, module, ema = fit(m, work, batches, devices)
+        t, module, ema = fit(m, work, batches, devices, **over)
         rank = t.global_rank
         res = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),
-               "sharded": module.is_sharded()}
+               "sharded": module.is_sharded(), "placement": placement(module, t)}
         if resume_at is not None:
             ckpt = work / f"{m}_sharded.ckpt"
             fit(m, work, resume_at, devices, save_to=ckpt)
