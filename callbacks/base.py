@@ -185,6 +185,10 @@ class DistillationModule(L.LightningModule):
 
     def ema_parameters(self) -> dict[str, nn.Parameter]:
         """The student's trainable parameters by name (what ``StudentEMA`` averages and swaps)."""
+        if self.is_sharded():  # after a no-grad forward FSDP2's root unit holds gathered tensors: the shards back
+            from .sharding import reshard
+
+            reshard(self.student)
         return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
 
     def counters(self) -> dict[str, int]:
@@ -369,6 +373,16 @@ class DistillationModule(L.LightningModule):
         meta = self.export_metadata()
         net = self.student_network()
         lora = has_lora(net)
+        if self.is_sharded():  # FSDP2: every process gathers the full tensors, rank 0 writes them
+            if lora:
+                raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
+                                          "one process")
+            from .sharding import full_tensor
+
+            state = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+            if self.world()[1] != 0:
+                return []
+            return [_save_atomic(state, path, meta)]
         state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
         written = [_save_atomic(state, path, meta)]
         if lora:

@@ -187,7 +187,7 @@ class ConsistencyDistillation(DistillationModule):
         """The student (see ``DistillationModule.export``); a w-conditioned student also writes its guidance
         adapter as ``<stem>_guidance.safetensors``."""
         files = super().export(path, **kwargs)
-        if self.conditioned:
+        if self.conditioned and self.world()[1] == 0:  # the adapter is replicated: rank 0 writes it
             p = Path(path)
             files.append(self.student.adapter.save(p.with_name(p.stem + "_guidance.safetensors"),
                                                    extra={"distillation": {"method": self.method}}))

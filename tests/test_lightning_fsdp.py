@@ -64,3 +64,35 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
             assert resumed[key].keys() == res[key].keys()
             bad = [k for k, v in res[key].items() if not torch.equal(resumed[key][k], v)]
             assert not bad, (method, key, bad[:5])
+
+
+def test_trainer_options_validate_and_build_the_strategy():
+    from fewstep.callbacks.distributed import is_sharded_run, trainer_options
+    from fewstep.callbacks.sharding import FSDP2Strategy
+
+    opts = trainer_options("fsdp2", "2", 1, "bf16-mixed", "cpu", batch_size=8)
+    assert isinstance(opts["strategy"], FSDP2Strategy) and is_sharded_run(opts)
+    assert opts["devices"] == 2 and opts["precision"] == "bf16-mixed"
+    assert trainer_options("ddp", 4)["strategy"] == "ddp" and "strategy" not in trainer_options()
+    for bad, match in [({"strategy": "fsdp"}, "--strategy"), ({"devices": 0}, "--devices"),
+                       ({"devices": "two"}, "--devices"), ({"num_nodes": 0}, "--num-nodes"),
+                       ({"precision": "8"}, "--precision"), ({"strategy": "fsdp2", "precision": "16-mixed"}, "fsdp2"),
+                       ({"devices": 3, "batch_size": 8}, "divisible"), ({"accelerator": "tpu9"}, "--accelerator")]:
+        with pytest.raises(ValueError, match=match):
+            trainer_options(**bad)
+
+
+def test_train_student_parser_has_the_distribution_flags():
+    import argparse
+
+    from fewstep.callbacks.train_students import add_arguments, distributed_from_args
+
+    p = add_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["dmd2", "--strategy", "fsdp2", "--devices", "2", "--num-nodes", "2", "--precision",
+                         "bf16-mixed", "--accelerator", "cpu", "--batch-size", "8"])
+    opts = distributed_from_args(args)
+    assert opts["num_nodes"] == 2 and opts["devices"] == 2 and opts["precision"] == "bf16-mixed"
+    with pytest.raises(ValueError, match="divisible"):
+        distributed_from_args(p.parse_args(["dmd2", "--devices", "3", "--batch-size", "32"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["dmd2", "--strategy", "deepspeed"])
