@@ -2,6 +2,8 @@
 
     python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at|-] [json overrides]
 
+The JSON overrides go to the module builder, except ``"bf16_methods": [...]``: methods also trained in bf16-mixed.
+
 With ``devices > 1`` every fit runs under ``FSDP2Strategy`` (gloo on CPU). Per method it trains ``batches`` batches
 with a ``StudentEMA``, and, if ``resume_at`` is given, trains ``resume_at`` batches, saves a sharded checkpoint,
 and resumes it in a fresh module up to ``batches``. Rank 0 saves full (gathered) tensors of every run.
@@ -43,14 +45,14 @@ def placement(module, trainer) -> dict[str, object]:
 
 
 def fit(method: str, work: Path, batches: int, devices: int, ckpt_path: str | None = None,
-        save_to: Path | None = None, **over) -> tuple:
+        save_to: Path | None = None, precision: str = "32-true", **over) -> tuple:
     from fewstep.callbacks import StudentEMA
     from fewstep.callbacks.sharding import FSDP2Strategy
 
     module = tiny.build(method, work, **over)
     ema = StudentEMA(0.5, warmup=False)
     strategy = FSDP2Strategy() if devices > 1 else "auto"
-    t = tiny.trainer(module, batches, callbacks=[ema], devices=devices, strategy=strategy)
+    t = tiny.trainer(module, batches, callbacks=[ema], devices=devices, strategy=strategy, precision=precision)
     t.fit(module, ckpt_path=ckpt_path)
     if save_to is not None:
         t.save_checkpoint(save_to)
@@ -62,6 +64,7 @@ def main(argv: list[str]) -> int:
     batches = int(argv[4]) if len(argv) > 4 else 4
     resume_at = int(argv[5]) if len(argv) > 5 and argv[5] != "-" else None
     over = json.loads(argv[6]) if len(argv) > 6 else {}
+    bf16 = over.pop("bf16_methods", [])  # also trained with precision="bf16-mixed" (fp32 master weights)
     torch.set_num_threads(1)
     results, rank = {}, 0
     for m in (tiny.METHODS if method == "all" else method.split(",")):
@@ -76,6 +79,9 @@ def main(argv: list[str]) -> int:
             res["resumed"] = {"state": full_state(resumed), "ema": ema_state(ema2), "counters": resumed.counters(),
                               "checkpoint_is_dir": ckpt.is_dir()}
         results[m] = res
+    for m in bf16:
+        t, module, ema = fit(m, work, batches, devices, precision="bf16-mixed", **over)
+        results[f"{m}/bf16-mixed"] = {"state": full_state(module), "counters": module.counters()}
     if rank == 0:
         tmp = out.with_name(out.name + ".tmp")
         torch.save(results, tmp)

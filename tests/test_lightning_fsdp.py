@@ -33,7 +33,8 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     tiny.trajectories(tmp_path, teacher, (1.0, 3.0))
     out = tmp_path / "fsdp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp_tiny.py"), "all", str(out), "2", str(tmp_path), "4", "2"],
+    proc = subprocess.run([sys.executable, str(HERE / "fsdp_tiny.py"), "all", str(out), "2", str(tmp_path), "4", "2",
+                           '{"bf16_methods": ["dmd2"]}'],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fsdp = torch.load(out, weights_only=False)
@@ -64,6 +65,33 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
             assert resumed[key].keys() == res[key].keys()
             bad = [k for k, v in res[key].items() if not torch.equal(resumed[key][k], v)]
             assert not bad, (method, key, bad[:5])
+        if f"{method}/bf16-mixed" in fsdp:  # bf16 autocast under FSDP2: fp32 master weights, finite, close to fp32
+            bf = fsdp[f"{method}/bf16-mixed"]["state"]
+            assert all(bf[k].dtype == torch.float32 and torch.isfinite(bf[k]).all() for k in single), method
+            update = sum(float((v - fresh[k]).abs().sum()) for k, v in single.items())
+            gap = sum(float((bf[k] - v).abs().sum()) for k, v in single.items())
+            assert 0 < gap < 0.1 * update, (method, gap, update)  # measured ~1% of the update (see report)
+    assert "dmd2/bf16-mixed" in fsdp
+
+
+@pytest.mark.slow
+def test_bf16_mixed_is_finite_and_close_to_fp32_on_one_process(tmp_path):
+    import distill_tiny as tiny
+
+    torch.set_num_threads(1)
+    for method in tiny.METHODS:
+        init = tiny.trained_state(tiny.build(method, tmp_path))
+        states = {}
+        for precision in ("32-true", "bf16-mixed"):
+            module = tiny.build(method, tmp_path)
+            tiny.trainer(module, 4, precision=precision).fit(module)
+            states[precision] = tiny.trained_state(module)
+        fp32, bf16 = states["32-true"], states["bf16-mixed"]
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bf16.values()), method
+        update = sum(float((v - init[k]).abs().sum()) for k, v in fp32.items())
+        gap = sum(float((bf16[k] - v).abs().sum()) for k, v in fp32.items())
+        # autocast did run (the runs differ) and moved the weights by a few % of the update at most (measured 1-3%)
+        assert 0 < gap < 0.1 * update, (method, gap, update)
 
 
 def test_trainer_options_validate_and_build_the_strategy():
