@@ -2,7 +2,8 @@
 
     python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at|-] [json overrides]
 
-The JSON overrides go to the module builder, except ``"bf16_methods": [...]``: methods also trained in bf16-mixed.
+The JSON overrides go to the module builder, except ``"bf16_methods": [...]`` (methods also trained in
+bf16-mixed) and ``"lora_methods"`` (also trained with a LoRA student).
 
 With ``devices > 1`` every fit runs under ``FSDP2Strategy`` (gloo on CPU). Per method it trains ``batches`` batches
 with a ``StudentEMA``, and, if ``resume_at`` is given, trains ``resume_at`` batches, saves a sharded checkpoint,
@@ -19,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_tiny as tiny  # noqa: E402
+
+LORA = {"student": "lora", "lora_rank": 2}
 
 
 def full_state(module) -> dict[str, torch.Tensor]:
@@ -65,6 +68,7 @@ def main(argv: list[str]) -> int:
     resume_at = int(argv[5]) if len(argv) > 5 and argv[5] != "-" else None
     over = json.loads(argv[6]) if len(argv) > 6 else {}
     bf16 = over.pop("bf16_methods", [])  # also trained with precision="bf16-mixed" (fp32 master weights)
+    lora = over.pop("lora_methods", [])  # also trained with a peft LoRA student (rank 2)
     torch.set_num_threads(1)
     results, rank = {}, 0
     for m in (tiny.METHODS if method == "all" else method.split(",")):
@@ -74,14 +78,18 @@ def main(argv: list[str]) -> int:
                "sharded": module.is_sharded(), "placement": placement(module, t)}
         if resume_at is not None:
             ckpt = work / f"{m}_sharded.ckpt"
-            fit(m, work, resume_at, devices, save_to=ckpt)
-            t2, resumed, ema2 = fit(m, work, batches, devices, ckpt_path=str(ckpt))
+            fit(m, work, resume_at, devices, save_to=ckpt, **over)
+            t2, resumed, ema2 = fit(m, work, batches, devices, ckpt_path=str(ckpt), **over)
             res["resumed"] = {"state": full_state(resumed), "ema": ema_state(ema2), "counters": resumed.counters(),
                               "checkpoint_is_dir": ckpt.is_dir()}
         results[m] = res
     for m in bf16:
         t, module, ema = fit(m, work, batches, devices, precision="bf16-mixed", **over)
         results[f"{m}/bf16-mixed"] = {"state": full_state(module), "counters": module.counters()}
+    for m in lora:
+        t, module, ema = fit(m, work, batches, devices, **{**over, **LORA})
+        results[f"{m}/lora"] = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),
+                                "placement": placement(module, t)}
     if rank == 0:
         tmp = out.with_name(out.name + ".tmp")
         torch.save(results, tmp)

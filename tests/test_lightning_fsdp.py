@@ -34,7 +34,7 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     out = tmp_path / "fsdp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(HERE / "fsdp_tiny.py"), "all", str(out), "2", str(tmp_path), "4", "2",
-                           '{"bf16_methods": ["dmd2"]}'],
+                           '{"bf16_methods": ["dmd2"], "lora_methods": ["dmd2", "reflow"]}'],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fsdp = torch.load(out, weights_only=False)
@@ -72,6 +72,19 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
             gap = sum(float((bf[k] - v).abs().sum()) for k, v in single.items())
             assert 0 < gap < 0.1 * update, (method, gap, update)  # measured ~1% of the update (see report)
     assert "dmd2/bf16-mixed" in fsdp
+    # a peft LoRA student (it shares the frozen teacher network: sharded once; only the LoRA matrices train)
+    for method in ("dmd2", "reflow"):
+        res = fsdp[f"{method}/lora"]
+        assert res["placement"]["student_sharded"] == res["placement"]["student_trainable"] > 0
+        assert res["placement"]["teacher_with_optimizer_state"] == 0
+        _, module, ema = fsdp_tiny.fit(method, tmp_path, 4, 1, **fsdp_tiny.LORA)
+        assert res["counters"] == module.counters()
+        single = {**tiny.trained_state(module),
+                  **{k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}}
+        assert sum("lora_" in k for k in single) > 0 and set(single) <= set(res["state"])
+        assert not _close(res["state"], single), (method, _close(res["state"], single))
+        single_ema = fsdp_tiny.ema_state(ema)
+        assert single_ema.keys() == res["ema"].keys() and not _close(res["ema"], single_ema)
 
 
 @pytest.mark.slow
