@@ -40,12 +40,16 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         save_distributed_checkpoint: each rank writes its shards (a checkpoint folder) instead of rank 0 writing
             full tensors into one file.
+        activation_checkpointing: recompute the blocks of the student's diffusers network in the backward pass
+            instead of keeping their activations (``enable_gradient_checkpointing``; not with guidance adapters).
         kwargs: passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
     """
 
-    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any):
+    def __init__(self, save_distributed_checkpoint: bool = True, activation_checkpointing: bool = False,
+                 **kwargs: Any):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.activation_checkpointing = bool(activation_checkpointing)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -120,12 +124,16 @@ def networks(module: nn.Module) -> Iterator[nn.Module]:
         yield from walk(child)
 
 
-def shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module:
-    """``fully_shard`` the blocks of ``net`` and then ``net`` itself (no-op if it is sharded already)."""
+def shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None, activation_checkpointing: bool = False
+                  ) -> nn.Module:
+    """``fully_shard`` the blocks of ``net`` and then ``net`` itself (no-op if it is sharded already); with
+    ``activation_checkpointing`` a diffusers network recomputes its blocks in the backward pass."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(net, FSDPModule):
         return net
+    if activation_checkpointing and getattr(net, "_supports_gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
     # the root unit keeps its parameters gathered after a forward (FSDP2's default; resharding it breaks a backward
     # through frozen parameters, e.g. the critic under the generator loss): after changing shards in place call
     # ``reshard`` so that the next forward gathers them again
@@ -138,14 +146,31 @@ def shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module
     return net
 
 
-def shard_module(module: nn.Module, mp_policy: Any = None) -> bool:
+def shard_module(module: nn.Module, mp_policy: Any = None, activation_checkpointing: bool | None = None) -> bool:
     """The ``configure_model`` of the distillation modules: shard every network (teacher, student, critic, GAN head)
-    over the data-parallel mesh. Returns ``False`` (and does nothing) outside a sharding strategy."""
+    over the data-parallel mesh. Returns ``False`` (and does nothing) outside a sharding strategy.
+
+    ``activation_checkpointing`` defaults to the strategy's setting. Guidance adapters act through hooks whose
+    state exists only during the forward, so a recomputed block would miss them: refused with them.
+    """
     mesh = data_parallel_mesh(module)
     if mesh is None:
         return False
+    if activation_checkpointing is None:
+        trainer = getattr(module, "_trainer", None)
+        activation_checkpointing = bool(getattr(getattr(trainer, "strategy", None), "activation_checkpointing", False))
+    if activation_checkpointing:
+        from ..core.guidance.adapters import GuidanceAdapter
+
+        if any(isinstance(m, GuidanceAdapter) for m in module.modules()):
+            raise ValueError("activation_checkpointing does not work with guidance adapters (their hooks are only "
+                             "active during the forward): use FSDP2Strategy(activation_checkpointing=False)")
+    # recomputation only in the student's network: the critic's parameters are frozen for the generator loss and
+    # trainable when recomputed in the backward pass, so its recomputed graph would differ (torch refuses that)
+    student = getattr(module, "student", None)
+    ac_ids = {id(n) for n in networks(nn.ModuleList([student]))} if activation_checkpointing and student else set()
     for net in list(networks(module)):
-        shard_network(net, mesh, mp_policy)
+        shard_network(net, mesh, mp_policy, id(net) in ac_ids)
     return True
 
 

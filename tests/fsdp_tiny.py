@@ -3,7 +3,8 @@
     python tests/fsdp_tiny.py <method|all> <out.pt> <devices> <work_dir> [batches] [resume_at|-] [json overrides]
 
 The JSON overrides go to the module builder, except ``"bf16_methods": [...]`` (methods also trained in
-bf16-mixed) and ``"lora_methods"`` (also trained with a LoRA student).
+bf16-mixed), ``"lora_methods"`` (also trained with a LoRA student) and ``"ac_methods"`` (with activation
+checkpointing).
 
 With ``devices > 1`` every fit runs under ``FSDP2Strategy`` (gloo on CPU). Per method it trains ``batches`` batches
 with a ``StudentEMA``, and, if ``resume_at`` is given, trains ``resume_at`` batches, saves a sharded checkpoint,
@@ -48,13 +49,14 @@ def placement(module, trainer) -> dict[str, object]:
 
 
 def fit(method: str, work: Path, batches: int, devices: int, ckpt_path: str | None = None,
-        save_to: Path | None = None, precision: str = "32-true", **over) -> tuple:
+        save_to: Path | None = None, precision: str = "32-true", activation_checkpointing: bool = False,
+        **over) -> tuple:
     from fewstep.callbacks import StudentEMA
     from fewstep.callbacks.sharding import FSDP2Strategy
 
     module = tiny.build(method, work, **over)
     ema = StudentEMA(0.5, warmup=False)
-    strategy = FSDP2Strategy() if devices > 1 else "auto"
+    strategy = FSDP2Strategy(activation_checkpointing=activation_checkpointing) if devices > 1 else "auto"
     t = tiny.trainer(module, batches, callbacks=[ema], devices=devices, strategy=strategy, precision=precision)
     t.fit(module, ckpt_path=ckpt_path)
     if save_to is not None:
@@ -69,6 +71,7 @@ def main(argv: list[str]) -> int:
     over = json.loads(argv[6]) if len(argv) > 6 else {}
     bf16 = over.pop("bf16_methods", [])  # also trained with precision="bf16-mixed" (fp32 master weights)
     lora = over.pop("lora_methods", [])  # also trained with a peft LoRA student (rank 2)
+    ac = over.pop("ac_methods", [])  # also trained with activation checkpointing of the diffusers blocks
     torch.set_num_threads(1)
     results, rank = {}, 0
     for m in (tiny.METHODS if method == "all" else method.split(",")):
@@ -86,6 +89,11 @@ def main(argv: list[str]) -> int:
     for m in bf16:
         t, module, ema = fit(m, work, batches, devices, precision="bf16-mixed", **over)
         results[f"{m}/bf16-mixed"] = {"state": full_state(module), "counters": module.counters()}
+    for m in ac:
+        t, module, ema = fit(m, work, batches, devices, activation_checkpointing=True, **over)
+        checkpointing = [n.gradient_checkpointing for n in (module.student.model, module.critic.model)]
+        results[f"{m}/ac"] = {"state": full_state(module), "counters": module.counters(),
+                              "gradient_checkpointing": checkpointing}
     for m in lora:
         t, module, ema = fit(m, work, batches, devices, **{**over, **LORA})
         results[f"{m}/lora"] = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),

@@ -34,7 +34,7 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     out = tmp_path / "fsdp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(HERE / "fsdp_tiny.py"), "all", str(out), "2", str(tmp_path), "4", "2",
-                           '{"bf16_methods": ["dmd2"], "lora_methods": ["dmd2", "reflow"]}'],
+                           '{"bf16_methods": ["dmd2"], "lora_methods": ["dmd2", "reflow"], "ac_methods": ["dmd2"]}'],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fsdp = torch.load(out, weights_only=False)
@@ -72,6 +72,12 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
             gap = sum(float((bf[k] - v).abs().sum()) for k, v in single.items())
             assert 0 < gap < 0.1 * update, (method, gap, update)  # measured ~1% of the update (see report)
     assert "dmd2/bf16-mixed" in fsdp
+    # activation checkpointing (diffusers blocks recomputed under FSDP2) gives the same weights
+    ac = fsdp["dmd2/ac"]
+    assert ac["gradient_checkpointing"] == [True, False] and ac["counters"] == fsdp["dmd2"]["counters"]
+    bad = {k: float((ac["state"][k] - v).abs().max()) for k, v in fsdp["dmd2"]["state"].items()
+           if not torch.allclose(ac["state"][k], v, atol=2e-5, rtol=1e-4)}
+    assert not bad, bad
     # a peft LoRA student (it shares the frozen teacher network: sharded once; only the LoRA matrices train)
     for method in ("dmd2", "reflow"):
         res = fsdp[f"{method}/lora"]
