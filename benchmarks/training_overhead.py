@@ -8,6 +8,12 @@ checkpointing, no progress bar). Per-step wall and process CPU time are measured
 (everything a step costs, data and hooks included), in interleaved rounds in one process; the result is the
 ratio of medians (target <= 1.05), of CPU time on a CPU (a shared machine's wall time mostly measures waiting for a
 core) and of wall time on a GPU. JSON in ``benchmarks/results/training_overhead.json``.
+
+``--sharding`` (``sharding_main``): the same DMD2 step under FSDP2 (``callbacks.sharding.FSDP2Strategy``) vs DDP,
+both with ``--devices`` processes (Lightning starts them; gloo on CPU), in interleaved rounds in one run: the ratio of
+the median per-step times on rank 0, and a memory table (bytes of parameters and of optimizer state held by one
+rank: teacher, student, critic + GAN head) for 1 process (no sharding) vs the sharded run.
+JSON in ``benchmarks/results/training_overhead_sharding.json``.
 """
 
 from __future__ import annotations
@@ -92,6 +98,121 @@ def lightning_steps(module, steps: int, device: str) -> list[float]:
     return timer.times
 
 
+def rank_memory(module, optimizers) -> dict[str, dict[str, int]]:
+    """Bytes held by this process: parameters per network (local shards of DTensors) and optimizer state."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def nbytes(ts):
+        return int(sum(local(t).numel() * local(t).element_size() for t in ts))
+
+    seen: set[int] = set()
+    params: dict[str, int] = {}
+    for name in ("teacher", "student", "critic", "head"):
+        sub = getattr(module, name, None)
+        if sub is None:
+            continue
+        ps = [p for p in sub.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        params[name] = nbytes(ps)
+    opt = nbytes(v for o in optimizers for st in o.state.values() for v in st.values()
+                 if torch.is_tensor(v) and v.ndim > 0)
+    return {"parameters": params, "parameters_total": sum(params.values()), "optimizer_state": opt,
+            "total": sum(params.values()) + opt}
+
+
+def distributed_steps(module, steps: int, strategy, devices: int) -> tuple[list[tuple[float, float]], object]:
+    """``steps`` DMD2 steps with ``devices`` CPU processes under ``strategy``; per-step (wall, CPU) seconds."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from fewstep.callbacks import dmd2_optimizer_steps
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.times: list[tuple[float, float]] = []
+            self._last: tuple[float, float] | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now = (time.perf_counter(), time.process_time())
+            if self._last is not None:
+                self.times.append((now[0] - self._last[0], now[1] - self._last[1]))
+            self._last = now
+
+    timer = Timer()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+                        max_steps=dmd2_optimizer_steps(steps, module.critic_ratio),  # a new trainer counts from 0
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0)
+    trainer.fit(module)
+    return timer.times, trainer
+
+
+def sharding_main(args: argparse.Namespace) -> int:
+    """FSDP2 vs DDP step time (ratio, one run) and per-rank memory, 1 process vs ``args.devices`` (see docstring)."""
+    import torch.distributed as dist
+
+    from fewstep.callbacks.sharding import FSDP2Strategy
+
+    ddp_mod, fsdp_mod = _module(args.batch_size, "cpu"), _module(args.batch_size, "cpu")
+    ddp_t: list[tuple[float, float]] = []
+    fsdp_t: list[tuple[float, float]] = []
+    trainer = None
+    for r in range(args.rounds):  # interleaved, alternating order (first round of each arm is warm-up)
+        arms = [("ddp", ddp_mod, ddp_t), ("fsdp2", fsdp_mod, fsdp_t)]
+        for name, mod, acc in (arms if r % 2 == 0 else arms[::-1]):
+            times, tr = distributed_steps(mod, args.steps, "ddp" if name == "ddp" else FSDP2Strategy(), args.devices)
+            if r > 0:
+                acc += times
+            if name == "fsdp2":
+                trainer = tr
+    sharded_mem = rank_memory(fsdp_mod, trainer.optimizers)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        return 0
+    single = _module(args.batch_size, "cpu")
+    opt_g, opt_c = single.configure_optimizers()  # one step of each player: the optimizers hold their state
+    loss_g, x0, _ = single.generator_loss(single.sample_ids())
+    loss_g.backward()
+    opt_g.step()
+    loss_c, _ = single.critic_loss(single.sample_ids(), x0)
+    loss_c.backward()
+    opt_c.step()
+    one_mem = rank_memory(single, [opt_g, opt_c])
+    med = {arm: [statistics.median(t[i] for t in ts) for i in (0, 1)] for arm, ts in (("ddp", ddp_t),
+                                                                                       ("fsdp2", fsdp_t))}
+    ratio_wall, ratio_cpu = med["fsdp2"][0] / med["ddp"][0], med["fsdp2"][1] / med["ddp"][1]
+    result = {
+        "benchmark": "training_overhead_sharding", "method": "dmd2",
+        "step": "1 generator + 1 critic update (critic_ratio=1)", "global_batch_size": args.batch_size,
+        "devices": args.devices, "backend": "gloo (CPU)", "rounds": args.rounds, "steps_per_round": args.steps,
+        "ddp_step_seconds_median": {"wall": round(med["ddp"][0], 5), "cpu": round(med["ddp"][1], 5)},
+        "fsdp2_step_seconds_median": {"wall": round(med["fsdp2"][0], 5), "cpu": round(med["fsdp2"][1], 5)},
+        "ratio_fsdp2_over_ddp": {"wall": round(ratio_wall, 4), "cpu": round(ratio_cpu, 4)},
+        "ratio_note": "wall time is the primary measure here: both arms run the same processes on the same cores, and "
+                      "process CPU time also counts gloo's busy waiting in collectives (FSDP2 makes more of them)",
+        "memory_bytes_per_rank": {"1 process": one_mem, f"{args.devices} processes fsdp2": sharded_mem},
+        "memory_ratio_sharded_over_one": round(sharded_mem["total"] / one_mem["total"], 4),
+        "ddp_step_seconds": [[round(a, 5), round(b, 5)] for a, b in ddp_t],
+        "fsdp2_step_seconds": [[round(a, 5), round(b, 5)] for a, b in fsdp_t], "machine": machine(),
+    }
+    path = write_json(result, "training_overhead_sharding.json", args.out)
+    print(f"DMD2 step, {args.devices} CPU processes: DDP {med['ddp'][0] * 1000:.0f} ms, FSDP2 "
+          f"{med['fsdp2'][0] * 1000:.0f} ms wall (medians over {len(ddp_t)} / {len(fsdp_t)} steps) -> ratio "
+          f"{ratio_wall:.3f} wall, {ratio_cpu:.3f} CPU time")
+    print(f"{'per rank (MB)':<22}{'1 process':>12}{'FSDP2 x' + str(args.devices):>12}")
+    for key in ("teacher", "student", "critic", "head"):
+        if key in one_mem["parameters"]:
+            print(f"{'params ' + key:<22}{one_mem['parameters'][key] / 2**20:>12.3f}"
+                  f"{sharded_mem['parameters'].get(key, 0) / 2**20:>12.3f}")
+    print(f"{'optimizer state':<22}{one_mem['optimizer_state'] / 2**20:>12.3f}"
+          f"{sharded_mem['optimizer_state'] / 2**20:>12.3f}")
+    print(f"{'total':<22}{one_mem['total'] / 2**20:>12.3f}{sharded_mem['total'] / 2**20:>12.3f}; wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -100,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default=None)
+    p.add_argument("--sharding", action="store_true", help="FSDP2 vs DDP with --devices CPU processes + memory table")
+    p.add_argument("--devices", type=int, default=2, help="processes for --sharding (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for pat in (".*does not have many workers.*", ".*IterableDataset.*", ".*LitLogger.*", ".*treespec.*",
@@ -108,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.sharding:
+        return sharding_main(args)
     bare_mod, light_mod = _module(args.batch_size, args.device), _module(args.batch_size, args.device)
     bare_steps(bare_mod, 2)  # warm-up both arms
     lightning_steps(light_mod, 2, args.device)

@@ -183,6 +183,10 @@ class DistillationModule(L.LightningModule):
 
     def ema_parameters(self) -> dict[str, nn.Parameter]:
         """The student's trainable parameters by name (what ``StudentEMA`` averages and swaps)."""
+        if self.is_sharded():  # after a no-grad forward FSDP2's root unit holds gathered tensors: the shards back
+            from .sharding import reshard
+
+            reshard(self.student)
         return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
 
     def counters(self) -> dict[str, int]:
@@ -222,9 +226,10 @@ class DistillationModule(L.LightningModule):
                 if not t.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ptrs = self._frozen_ptrs()
+        # a sharded checkpoint keeps the teacher's shards: Lightning's distributed load asks for every key
+        ptrs = self._frozen_ptrs() if not self.is_sharded() else set()
         sd = checkpoint.get("state_dict", {})
-        for k in [k for k, v in sd.items() if isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
+        for k in [k for k, v in sd.items() if ptrs and isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
             del sd[k]
         checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
 
@@ -242,6 +247,8 @@ class DistillationModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
+        if self.is_sharded():  # sharded checkpoints hold every key (see on_save_checkpoint)
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         own = self.state_dict()
         ptrs = self._frozen_ptrs()
         full = dict(state_dict)
@@ -249,6 +256,35 @@ class DistillationModule(L.LightningModule):
             if k not in full and _storage_ptr(v) in ptrs:
                 full[k] = v
         return super().load_state_dict(full, strict=strict, assign=assign)
+
+    # ---------------------------------------------------------------------------------- sharding (FSDP2)
+    def configure_model(self) -> None:
+        """Under ``FSDP2Strategy`` shard teacher, student and critic (``callbacks.sharding``); else nothing."""
+        from .sharding import shard_module
+
+        shard_module(self)
+
+    def is_sharded(self) -> bool:
+        from .sharding import is_sharded
+
+        return is_sharded(self)
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self.is_sharded():
+            from .sharding import clip_grad_norm
+
+            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val))
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_after_backward(self) -> None:
+        """Sharded + automatic optimization: average the gradients of replicated parameters (guidance adapters);
+        FSDP averages the sharded ones."""
+        if self.automatic_optimization and self._trainer is not None and self.is_sharded():
+            from .sharding import sync_replicated_gradients
+
+            sync_replicated_gradients(self.student_trainable())
 
     # ---------------------------------------------------------------------------------- manual DDP sync
     def disable_ddp_reducer(self) -> None:
@@ -266,6 +302,11 @@ class DistillationModule(L.LightningModule):
         """Average the gradients of ``params`` over processes (no-op for one process)."""
         world, _ = self.world()
         if world == 1:
+            return
+        if self.is_sharded():  # FSDP averaged the sharded gradients; average the replicated ones
+            from .sharding import sync_replicated_gradients
+
+            sync_replicated_gradients(params)
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -330,6 +371,16 @@ class DistillationModule(L.LightningModule):
         meta = self.export_metadata()
         net = self.student_network()
         lora = has_lora(net)
+        if self.is_sharded():  # FSDP2: every process gathers the full tensors, rank 0 writes them
+            if lora:
+                raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
+                                          "one process")
+            from .sharding import full_tensor
+
+            state = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+            if self.world()[1] != 0:
+                return []
+            return [_save_atomic(state, path, meta)]
         state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
         written = [_save_atomic(state, path, meta)]
         if lora:

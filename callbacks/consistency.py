@@ -25,6 +25,7 @@ from ..core.guidance.scaled import guided_denoise
 from ..core.losses.common import ddim_transfer, sigma_at_fraction
 from ..core.losses.consistency import consistency_loss, segment_boundaries, segment_end_index
 from .base import DistillationModule
+from .sharding import full_tensor, like_param, reshard
 
 
 class ConsistencyDistillation(DistillationModule):
@@ -86,12 +87,13 @@ class ConsistencyDistillation(DistillationModule):
     def extra_state(self) -> dict[str, Any]:
         if self._target is None:
             return {}
-        return {"target": {k: v.detach().cpu().clone() for k, v in self._target.items()},
+        return {"target": {k: full_tensor(v.detach()).cpu().clone() for k, v in self._target.items()},
                 "target_version": self._target_version}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "target" in state:
-            self._target = {k: v.to(self.device) for k, v in state["target"].items()}
+            params = self.ema_parameters()  # sharded like its parameter under FSDP2
+            self._target = {k: like_param(v, params[k]) for k, v in state["target"].items()}
             self._target_version = int(state["target_version"])
 
     @torch.no_grad()
@@ -120,10 +122,12 @@ class ConsistencyDistillation(DistillationModule):
         try:
             for k, p in params.items():
                 p.copy_(self._target[k])
+            reshard(self.student)  # FSDP2: gather the swapped shards at the next forward
             return self._student_call(x, sigma, labels, w)
         finally:
             for k, p in params.items():
                 p.copy_(saved[k])
+            reshard(self.student)
 
     def _student_call(self, x: Tensor, sigma: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         if self.conditioned:
@@ -183,7 +187,7 @@ class ConsistencyDistillation(DistillationModule):
         """The student (see ``DistillationModule.export``); a w-conditioned student also writes its guidance
         adapter as ``<stem>_guidance.safetensors``."""
         files = super().export(path, **kwargs)
-        if self.conditioned:
+        if self.conditioned and self.world()[1] == 0:  # the adapter is replicated: rank 0 writes it
             p = Path(path)
             files.append(self.student.adapter.save(p.with_name(p.stem + "_guidance.safetensors"),
                                                    extra={"distillation": {"method": self.method}}))

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from .sharding import full_tensor, like_param, reshard
+
 
 class StudentEMA(Callback):
     """EMA of the student's trainable parameters.
@@ -48,7 +50,8 @@ class StudentEMA(Callback):
             missing = sorted(set(params) ^ set(self.ema))
             if missing:
                 raise ValueError(f"StudentEMA state does not match the student's parameters ({missing[:4]} ...)")
-            self.ema = {k: v.to(params[k].device, params[k].dtype) for k, v in self.ema.items()}
+            self.ema = {k: like_param(v, params[k]) for k, v in self.ema.items()}  # sharded like its parameter
+        self._loaded = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._init(pl_module)
@@ -60,6 +63,8 @@ class StudentEMA(Callback):
         if version == self.seen_version:
             return
         self.seen_version = version
+        if getattr(self, "_loaded", False):  # loaded after on_fit_start (strategies that restore after setup)
+            self._init(pl_module)
         d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         for k, p in pl_module.ema_parameters().items():
             self.ema[k].lerp_(p.detach(), 1.0 - d)
@@ -68,7 +73,7 @@ class StudentEMA(Callback):
     @contextmanager
     def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
         """Inside the block the student holds the EMA weights (nested use is a no-op)."""
-        if self.ema is None:
+        if self.ema is None or getattr(self, "_loaded", False):
             self._init(pl_module)
         if self._swapped is not None:
             yield
@@ -78,12 +83,14 @@ class StudentEMA(Callback):
             self._swapped = {k: p.detach().clone() for k, p in params.items()}
             for k, p in params.items():
                 p.copy_(self.ema[k])
+            reshard(pl_module)  # FSDP2: gather the swapped shards at the next forward
         try:
             yield
         finally:
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(self._swapped[k])
+                reshard(pl_module)
             self._swapped = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,13 +104,16 @@ class StudentEMA(Callback):
             self._ctx = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
+        # sharded (FSDP2) averages are gathered: every process calls state_dict when a checkpoint is saved
+        return {"ema": None if self.ema is None else {k: full_tensor(v.detach()).cpu().clone()
+                                                      for k, v in self.ema.items()},
                 "updates": self.updates, "seen_version": self.seen_version, "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema = None if state_dict["ema"] is None else dict(state_dict["ema"])
         self.updates = int(state_dict["updates"])
         self.seen_version = int(state_dict["seen_version"])
+        self._loaded = True
 
 
 def find_ema(trainer: L.Trainer) -> StudentEMA | None:

@@ -43,7 +43,8 @@ class StudentExport(Callback):
         self.written: list[Path] = []
 
     def export(self, trainer: L.Trainer | None, pl_module: L.LightningModule) -> list[Path]:
-        if trainer is not None and trainer.global_rank != 0:
+        # sharded (FSDP2) students are gathered by every process, then written by rank 0 (``export`` checks)
+        if trainer is not None and trainer.global_rank != 0 and not pl_module.is_sharded():
             return []
         with ema_weights(trainer, pl_module):
             self.written = pl_module.export(self.path, lora_prefix=self.lora_prefix, dare_p=self.dare_p,

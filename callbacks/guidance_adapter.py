@@ -101,5 +101,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         """Write the adapter (only its tensors) with metadata naming the base model."""
         meta = self.export_metadata()
         meta.pop("config", None)
+        if self.world()[1] != 0:  # the adapter is replicated (also under FSDP2): rank 0 writes it
+            return []
         return [self.adapter.save(path, extra={"distillation": meta})]
 

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..core.checks import nonneg_int, positive_float, positive_int
 from ..core.models.embedded import TEACHER_CFG
+from .distributed import is_sharded_run
 
 METHODS = ("dmd2", "consistency", "reflow", "agd")
 SHAPE = (1, 16, 16)
@@ -77,7 +78,7 @@ def _quiet() -> None:
 
 def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
          checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
-         onnx: bool = False) -> dict[str, Any]:
+         onnx: bool = False, distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit one stage with EMA, guard, grids, quality eval, checkpoints and export (``onnx``: also the EMA student
     as ``<export stem>.onnx``, after the checkpoints; an export failure is logged, training results are kept).
     Returns a summary."""
@@ -99,14 +100,15 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     timer = StepTimer()
     ema = StudentEMA(0.99 if smoke else 0.999)
     callbacks = [ema, DivergenceGuard(), timer]
-    if not smoke:
+    sharded = distributed is not None and is_sharded_run(distributed)
+    if not smoke and not sharded:  # (grids and quality run on rank 0 alone: not with sharded networks)
         callbacks += [SampleGrid(stage_dir / "grids", every_n_steps=eval_every or 250, per_class=8),
                       QualityEval(every_n_steps=eval_every, per_class=20)]
     export = StudentExport(export_path) if export_path is not None else None
     if export is not None:
         callbacks.append(export)
     onnx_export = None
-    if onnx and export_path is not None:
+    if onnx and export_path is not None and not sharded:
         from .onnx_export import OnnxExport
 
         onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema", on_error="warn")
@@ -119,7 +121,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     if max_batches is not None:
         max_steps = dmd2_optimizer_steps(max_batches, module.critic_ratio) if module.method == "dmd2" \
             else max_batches
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_time=timedelta(seconds=budget_s),
+    dist = distributed or {"accelerator": "cpu", "devices": 1}
+    trainer = L.Trainer(**dist, max_steps=max_steps, max_time=timedelta(seconds=budget_s),
                         callbacks=callbacks, logger=CSVLogger(stage_dir, name="logs") if not smoke else False,
                         enable_checkpointing=ckpt is not None, enable_progress_bar=progress,
                         enable_model_summary=False, num_sanity_val_steps=0, plugins=[SafeCheckpointIO()])
@@ -147,7 +150,7 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
                   threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
                   eval_every: int | None = 500, trajectories: int = 4096, smoke: bool = False,
                   progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
     ``<out>/<method>/summary.json``).
 
@@ -162,6 +165,9 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         smoke: a few batches, small trajectories, no checkpoints / evaluation, exports into ``out``.
         onnx: also export every student to ONNX (EMA weights, next to its safetensors; ``fewstep run-onnx``).
         overwrite: replace existing students in an explicit ``export_dir`` (else ``FileExistsError`` up front).
+        distributed: ``lightning.Trainer`` options from ``callbacks.distributed.trainer_options`` (strategy,
+            devices, nodes, precision, accelerator); default one CPU process. Under FSDP2 the sample grids, quality
+            evaluation and ONNX export are skipped (they run on rank 0 alone); checkpoints are sharded folders.
     """
     _check_arguments(method, budget, max_batches, batch_size, checkpoint_every, eval_every, trajectories)
     out = Path(out) / method
@@ -170,7 +176,8 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
 
     with output_lock(out, "train-student"):
         return _train_student(method, out, export_dir, budget, max_batches, batch_size, threads, seed,
-                              checkpoint_every, eval_every, trajectories, smoke, progress, teacher_path, onnx)
+                              checkpoint_every, eval_every, trajectories, smoke, progress, teacher_path, onnx,
+                              distributed)
 
 
 def _check_arguments(method: str, budget: float, max_batches: int | None, batch_size: int, checkpoint_every: int,
@@ -210,7 +217,7 @@ def _export_dir(method: str, out: Path, export_dir: str | Path | None, overwrite
 def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_batches: int | None,
                    batch_size: int, threads: int | None, seed: int, checkpoint_every: int, eval_every: int | None,
                    trajectories: int, smoke: bool, progress: bool, teacher_path: str | Path | None,
-                   onnx: bool) -> dict[str, Any]:
+                   onnx: bool, distributed: dict[str, Any] | None) -> dict[str, Any]:
     _quiet()
     if threads:
         torch.set_num_threads(int(threads))
@@ -232,7 +239,7 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
     common = {"batch_size": batch_size, "seed": seed}
     stages: list[dict[str, Any]] = []
     fit = {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "progress": progress, "smoke": smoke,
-           "max_batches": max_batches, "onnx": onnx}
+           "max_batches": max_batches, "onnx": onnx, "distributed": distributed}
     x, y = load_digits_tensors("train")
     if method == "dmd2":
         module = DMD2Distillation(teacher, SHAPE, guidance_scale=CFG, critic_ratio=5, lr=2e-5, critic_lr=1e-4,
@@ -265,6 +272,8 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0], **fit))
     summary = {"method": method, "budget_seconds": budget, "seconds": round(time.perf_counter() - t_start, 1),
                "threads": torch.get_num_threads(), "smoke": smoke, "stages": stages}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return summary  # several processes: rank 0 writes the summary
     from ..core.io import write_json
 
     write_json(out / "summary.json", summary, default=str)
@@ -291,7 +300,31 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--onnx", action="store_true", help="also export each student to ONNX (EMA weights)")
+    add_distributed_arguments(p)
     return p
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--strategy --devices --num-nodes --precision --accelerator`` (Lightning's own launchers: see README)."""
+    from .distributed import ACCELERATORS, PRECISIONS, STRATEGIES
+
+    g = p.add_argument_group("distribution (Lightning starts or joins the processes; torchrun / SLURM work as is)")
+    g.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="auto (one process), ddp, or fsdp2 (teacher/student/critic sharded, sharded checkpoints)")
+    g.add_argument("--devices", default="1", help="processes per node: an integer or 'auto' (default 1)")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines (default 1)")
+    g.add_argument("--precision", default="32-true", choices=PRECISIONS,
+                   help="32-true (default) or e.g. bf16-mixed (bf16 autocast, fp32 master weights)")
+    g.add_argument("--accelerator", default="cpu", choices=ACCELERATORS, help="default cpu")
+    return p
+
+
+def distributed_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validated ``lightning.Trainer`` options from the ``add_distributed_arguments`` flags."""
+    from .distributed import trainer_options
+
+    return trainer_options(args.strategy, args.devices, args.num_nodes, args.precision, args.accelerator,
+                           args.batch_size)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -299,7 +332,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                       max_batches=args.max_batches, batch_size=args.batch_size, threads=args.threads, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                       trajectories=args.trajectories, smoke=args.smoke, progress=not args.no_progress,
-                      teacher_path=args.teacher, onnx=args.onnx, overwrite=args.overwrite)
+                      teacher_path=args.teacher, onnx=args.onnx, overwrite=args.overwrite,
+                      distributed=distributed_from_args(args))
     for st in s["stages"]:
         q = st.get("quality") or {}
         extra = f", FD {q['fd']:.2f}, accuracy {q['accuracy']:.3f}" if q else ""

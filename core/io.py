@@ -345,15 +345,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _secondary_process() -> bool:
+    """True in a process other than rank 0 of a multi-process launch (it reads the launchers' environment)."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 @contextlib.contextmanager
 def output_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
     """Hold ``<folder>/.fewstep.lock`` (created with ``O_EXCL``, the pid inside) while the block runs.
 
     A second run into the same folder gets ``OutputLockedError`` naming the folder and the pid holding it; a lock
-    left by a dead process is reclaimed with a message. The lock is removed on exit.
+    left by a dead process is reclaimed with a message. The lock is removed on exit. In a multi-process launch
+    (Lightning, torchrun, SLURM) only the first process takes it: the others are the same run.
     """
     d = check_writable_dir(folder)
     lock = d / ".fewstep.lock"
+    if _secondary_process():
+        yield lock
+        return
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
