@@ -216,6 +216,21 @@ def test_second_run_into_one_folder_is_refused(tmp_path, capsys):
     assert "stale lock" in capsys.readouterr().out
 
 
+
+def test_other_ranks_of_one_launch_share_the_lock(tmp_path, monkeypatch):
+    """Lightning / torchrun start the same command once per rank: only rank 0 holds the lock, the others join."""
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    with io.output_lock(tmp_path, "train-student"):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with io.output_lock(tmp_path, "train-student"):
+            assert (tmp_path / ".fewstep.lock").exists()
+        assert (tmp_path / ".fewstep.lock").exists()  # the rank-1 exit leaves rank 0's lock in place
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(io.OutputLockedError):
+            with io.output_lock(tmp_path):
+                pass
+
 # ------------------------------------------------------------------------------------------- CLI flags
 @pytest.mark.parametrize("argv, flag, words", [
     (["export", "teacher", "x.onnx", "--steps", "0"], "--steps", ">= 1"),
