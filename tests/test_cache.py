@@ -435,8 +435,15 @@ def test_euler_and_heun_style_samplers_run():
     model, den, shape, cond = _case("dit")
     from fewstep.core.sampling import sample_heun
 
+    ref = {}
     for sampler in (sample_euler, sample_heun):
+        ref[sampler] = _sample(model, den, shape, cond, sampler=sampler)
         cache = FirstBlockCache(0.2)
         with apply_cache(model, cache):
             out = _sample(model, den, shape, cond, sampler=sampler)
-        assert torch.isfinite(out).all() and cache.stats["calls"] >= STEPS
+        st = cache.stats
+        calls = STEPS if sampler is sample_euler else 2 * STEPS - 1  # heun: 2 calls per step but the last
+        assert torch.isfinite(out).all() and st["calls"] == calls == st["computed"] + st["skipped"]
+        assert st["skipped"] > 0 and st["blocks_skipped"] > 0, f"{sampler.__name__}: the cache never skipped: {st}"
+        assert not torch.equal(out, ref[sampler])  # a skip changes the sample (the residual is reused, not exact)
+        assert (out - ref[sampler]).abs().max() < 0.5 * ref[sampler].abs().max()  # ... but stays close to it

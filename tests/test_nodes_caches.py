@@ -25,11 +25,12 @@ def env(comfy_root):
     import comfy_tiny_models as tiny
     import folder_paths
 
-    from fewstep.nodes import caches, embedded, embedded_model
+    from fewstep.nodes import cache_wrappers, caches, embedded, embedded_model
 
     models = {arch: tiny.tiny_model(arch) for arch in ARCHS}
     models["digits"] = embedded_model.load_digits_model(embedded_model.RANDOM_NAME)
-    return type("Env", (), dict(cs=cs, samplers=comfy.samplers, tiny=tiny, C=caches, E=embedded, EM=embedded_model,
+    return type("Env", (), dict(cs=cs, samplers=comfy.samplers, tiny=tiny, C=caches, W=cache_wrappers, E=embedded,
+                                EM=embedded_model,
                                 models=models, folder_paths=folder_paths))
 
 
@@ -184,7 +185,7 @@ def test_step_cache_keeps_guidance_branches_apart(env):
     patched = _step(env, base, "teacache_uncalibrated", threshold=0.5)
     holder = patched.model_options["transformer_options"][env.C.STEP_KEY]
     run = holder.new_run(base.get_model_object("model_sampling"))
-    wrapper = env.C._step_diffusion_model_wrapper(1)
+    wrapper = env.W.step_diffusion_model_wrapper(1)
     ran: list[tuple] = []
 
     def net(x, t, context, control, opts):
