@@ -67,10 +67,10 @@ def calibration_source(calibration: str, node: str = "cache node") -> Path | Non
         cand = (root / text).resolve()
         if cand.is_relative_to(root) and cand.is_file():
             return cand
-    raise ValueError(f"calibration {text!r} is neither 'auto' nor a file in the calibration folders ({listing}); "
-                     f"only files inside them are read. Put the file into models/{CALIBRATION_FOLDER} (or add a "
-                     f"folder with extra_model_paths.yaml) and give its file name, leave it at 'auto', or run "
-                     f"{CALIBRATE_NODE} first")
+    raise ValueError(f"{node}: calibration {text!r} is neither 'auto' nor a file in the calibration folders "
+                     f"({listing}); only files inside them are read. Put the file into models/{CALIBRATION_FOLDER} "
+                     f"(or add a folder with extra_model_paths.yaml) and give its file name, leave it at 'auto', or "
+                     f"run {CALIBRATE_NODE} first")
 
 
 class _ComfyModelSamplingConfig:

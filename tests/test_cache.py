@@ -447,3 +447,63 @@ def test_euler_and_heun_style_samplers_run():
         assert st["skipped"] > 0 and st["blocks_skipped"] > 0, f"{sampler.__name__}: the cache never skipped: {st}"
         assert not torch.equal(out, ref[sampler])  # a skip changes the sample (the residual is reused, not exact)
         assert (out - ref[sampler]).abs().max() < 0.5 * ref[sampler].abs().max()  # ... but stays close to it
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+class _ToyBlocks(torch.nn.Module):
+    """A block stack driven by hand, as a host would: each block adds ``tanh(W h)``."""
+
+    def __init__(self, n=4, dim=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(n))
+        self.runs = 0
+
+    def run(self, h, sigma, runner=None, key=None):
+        if runner is not None:
+            runner.begin(sigma, key)
+        state = (h,)
+        for i, block in enumerate(self.blocks):
+            if runner is not None:
+                skipped = runner.before(i, state, state[0])
+                if skipped is not None:
+                    state = skipped
+                    continue
+            self.runs += 1
+            state = (state[0] + torch.tanh(block(state[0])),)
+            if runner is not None:
+                runner.ran(i, state if runner.wants_output(i) else None)
+        if runner is not None:
+            runner.end()
+        return state[0]
+
+
+@torch.no_grad()
+def test_block_range_runner_is_host_independent():
+    """The runner on a hand-driven block stack: threshold 0 is exact; a skip runs only the head block and returns
+    the range input plus the residual of the last full compute of that range, per branch key."""
+    from fewstep.core.cache import BlockRangeRunner
+
+    toy = _ToyBlocks()
+    xs = [torch.randn(2, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    walk = [(x0 * (1 + 0.001 * k), 10.0 - k) for k in range(5) for x0 in xs[:1]]
+    ref = [toy.run(x, s) for x, s in walk]
+    exact = BlockRangeRunner(FirstBlockCache(0.0), 4)
+    assert all(torch.equal(toy.run(x, s, exact), r) for (x, s), r in zip(walk, ref))
+    assert exact.cache.stats["blocks_skipped"] == 0 and exact.cache.stats["blocks_run"] == 20
+    cache = FirstBlockCache(0.5, trace=True)
+    runner = BlockRangeRunner(cache, 4)
+    toy.runs = 0
+    outs = [toy.run(x, s, runner) for x, s in walk]
+    assert "".join("C" if t["compute"] else "." for t in cache.trace) == "C...."
+    assert toy.runs == 4 + 4 * 1 == cache.stats["blocks_run"] and cache.stats["blocks_skipped"] == 12
+    assert torch.equal(outs[0], ref[0])
+    # a skipped call: h1 (after the head block, computed now) + (h4 - h1) of the first call
+    h1_first = walk[0][0] + torch.tanh(toy.blocks[0](walk[0][0]))
+    h1 = walk[3][0] + torch.tanh(toy.blocks[0](walk[3][0]))
+    assert torch.allclose(outs[3], h1 + (ref[0] - h1_first))
+    # another branch key has its own state: its first call computes
+    other = toy.run(xs[1], 5.0, runner, key="uncond")
+    assert cache.trace[-1]["compute"] and torch.equal(other, toy.run(xs[1], 5.0))
+    with pytest.raises(CacheConfigError, match="head_blocks=4 leaves nothing to cache"):
+        BlockRangeRunner(FirstBlockCache(0.1, head_blocks=4), 4)
