@@ -15,8 +15,9 @@ State: the ``CacheHolder`` in ``model_options["transformer_options"][key]`` is o
 0.13 no longer deep-copies it on ``clone()``, so a downstream clone would share it: the ``OUTER_SAMPLE`` wrapper gives
 a clone that inherited a holder its own copy (with its own statistics) before the run. Each sampling run gets a fresh
 core cache in a clone of the guider's model options (as ComfyUI's EasyCache does), keyed inside by guidance branch
-(``tuple(transformer_options["cond_or_uncond"])``), so no tensor survives a run, a prompt, a batch size or a
-resolution. After each run the statistics are logged and kept in the holder's ``last_stats`` / ``history``.
+(``tuple(transformer_options["cond_or_uncond"])``) and by the network object making the call (Wan 2.2's two experts
+keep separate state), so no tensor survives a run, a prompt, a batch size or a resolution. After each run the
+statistics are logged and kept in the holder's ``last_stats`` / ``history``.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ class CacheHolder:
     statistics of past runs (``last_stats``, ``history``). Owned by one MODEL clone (``owner``)."""
 
     def __init__(self, kind: str, label: str, make: Callable[[], ResidualCache], model: Any, owner: Any,
-                 layout: Layout | None = None, identity: tuple[str, str, str] | None = None) -> None:
+                 layout: Layout | None = None, identity: tuple[str, str, str] | None = None,
+                 make_cfg: Callable[[], ResidualCache] | None = None) -> None:
         self.kind = kind
         self.label = label
         self.make = make
+        self.make_cfg = make_cfg  # step cache: the CFG-branch cache (None: off)
         self.identity = identity or model_identity(model)
         self.layout = layout
         self.last_stats: dict[str, Any] | None = None
@@ -118,15 +121,24 @@ class CacheHolder:
         return new
 
     def new_run(self, model_sampling: Any) -> Run:
-        cache = self.make()
-        cache.bind(*self.identity[:2], model_sampling)
-        cache.reset()
-        return Run(self, cache)
+        caches = []
+        for make in (self.make, self.make_cfg):
+            cache = make() if make is not None else None
+            if cache is not None:
+                cache.bind(*self.identity[:2], model_sampling)
+                cache.reset()
+            caches.append(cache)
+        return Run(self, caches[0], caches[1])
 
     def finish(self, run: Run) -> None:
         stats = {**run.cache.stats, "label": self.label}
         if self.kind == "step":
             stats["level"] = run.level  # where the network was cached: "diffusion_model" or "apply_model"
+        if run.cfg is not None:
+            stats["cfg"] = dict(run.cfg.stats)  # uncond branch: computed / skipped (reused)
+            run.cfg.reset()
+            log.info("fewstep CFG-branch reuse (%s): unconditional branch computed %d, reused %d", self.label,
+                     stats["cfg"]["computed"], stats["cfg"]["skipped"])
         self.last_stats = stats
         self.history.append(stats)
         run.cache.reset()
@@ -143,13 +155,21 @@ class CacheHolder:
 class Run:
     """One sampling run of a cached MODEL: the core cache, and for block caches the core block-range runner."""
 
-    def __init__(self, holder: CacheHolder, cache: ResidualCache) -> None:
+    def __init__(self, holder: CacheHolder, cache: ResidualCache, cfg: ResidualCache | None = None) -> None:
         self.holder = holder
         self.cache = cache
+        self.cfg = cfg
         self.level: str | None = None  # step cache: "diffusion_model" or "apply_model", found on the first call
         self.runner = BlockRangeRunner(cache, len(holder.layout)) if isinstance(cache, BlockCache) else None
         self.txt_len = 0
         self.head_shape: tuple | None = None
+        self._experts: dict[int, int] = {}
+
+    def expert(self, model: Any) -> int:
+        """The index of the network object making this call within the run (0, 1, ...): part of every state key, so
+        a run that switches networks mid-way (Wan 2.2's high- and low-noise experts) never reuses one expert's
+        residual for the other; the first call of a new expert computes."""
+        return self._experts.setdefault(id(model), len(self._experts))
 
     # ------------------------------------------------------------------ block level (patches_replace["dit"])
     def _streams(self, g: int) -> tuple[str, ...]:
@@ -231,7 +251,8 @@ def step_diffusion_model_wrapper(latent_channels: int) -> Callable[..., Any]:
         if run is None or run.level == "apply_model" or opts.get("sigmas") is None or not isinstance(x, Tensor):
             return executor(*args, **kwargs)
         run.level = "diffusion_model"
-        return run.cache(lambda: executor(*args, **kwargs), x[:, :latent_channels], opts["sigmas"], branch(opts))
+        key = (branch(opts), run.expert(getattr(executor, "class_obj", None)))
+        return run.cache(lambda: executor(*args, **kwargs), x[:, :latent_channels], opts["sigmas"], key)
 
     return wrapper
 
@@ -253,15 +274,16 @@ def step_apply_model_wrapper() -> Callable[..., Any]:
             run.level = "apply_model"
             if bool((sigma > 0).all()):
                 x_in, s = eps_frame(executor.class_obj, x, sigma)
-                if run.cache.should_compute(x_in, sigma, branch(opts)):
-                    run.cache.update(x_in, (x - out) / s, branch(opts))
+                key = (branch(opts), run.expert(executor.class_obj))
+                if run.cache.should_compute(x_in, sigma, key):
+                    run.cache.update(x_in, (x - out) / s, key)
                 else:  # pragma: no cover - a fresh run always computes its first call
-                    run.cache.predict(x_in, branch(opts))
+                    run.cache.predict(x_in, key)
             return out
         if not bool((sigma > 0).all()):
             return executor(*args, **kwargs)
         x_in, s = eps_frame(executor.class_obj, x, sigma)
-        key = branch(opts)
+        key = (branch(opts), run.expert(executor.class_obj))
         if run.cache.should_compute(x_in, sigma, key):
             out = executor(*args, **kwargs)
             run.cache.update(x_in, (x - out) / s, key)
@@ -269,6 +291,24 @@ def step_apply_model_wrapper() -> Callable[..., Any]:
         return x - run.cache.predict(x_in, key) * s
 
     return wrapper
+
+
+def cfg_reuse_wrapper(executor: Any, model: Any, conds: list, x_in: Tensor, timestep: Tensor, model_options: dict,
+                      *args: Any, **kwargs: Any) -> Any:
+    """``CALC_COND_BATCH`` wrapper: CFG-branch reuse (``core.cache.CFGBranchCache``, FasterCache's CFG-Cache). The
+    cache decides from the step's input; a computed step is ComfyUI's usual batched cond + uncond call (the branch
+    difference is recorded), a skipped one evaluates the positive conds only and returns ``cond + cached
+    difference`` as the negative output."""
+    run: Run | None = model_options.get("transformer_options", {}).get(f"{STEP_KEY}_run")
+    cache = run.cfg if run is not None else None
+    if cache is None or len(conds) != 2 or conds[0] is None or conds[1] is None:
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    if cache.should_compute(x_in, timestep, "cfg", signal=x_in):
+        out = executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+        cache.update(out[0], out[1], "cfg")
+        return out
+    out = executor(model, [conds[0], None], x_in, timestep, model_options, *args, **kwargs)
+    return [out[0], cache.predict(out[0], "cfg")]
 
 
 def eps_frame(base: Any, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..core.cache import CacheConfigError, DeltaDiTCache, FirstBlockCache, ResidualCache, StepCache
+from ..core.cache import CacheConfigError, CFGBranchCache, DeltaDiTCache, FirstBlockCache, ResidualCache, StepCache
 from .cache_calibration import CALIBRATION_SAMPLERS, calibrate_model
 from .cache_store import CALIBRATION_FOLDER, bind_calibration, model_identity
 from .cache_wrappers import (
@@ -34,6 +34,7 @@ from .cache_wrappers import (
     BlockPatch,
     CacheHolder,
     block_layout,
+    cfg_reuse_wrapper,
     outer_sample_wrapper,
     step_apply_model_wrapper,
     step_diffusion_model_wrapper,
@@ -130,13 +131,18 @@ class FewstepStepCache(io.ComfyNode):
                                        "residual-magnitude ratios (needs a calibration)."),
                 _threshold_input(0.1),
                 *_common_inputs(),
+                io.Float.Input("cfg_reuse", default=0.0, min=0.0, max=THRESHOLD_MAX, step=0.001, optional=True,
+                               tooltip="CFG-branch reuse (FasterCache): skip the negative (unconditional) branch "
+                                       "while the accumulated relative input change stays below this, reusing its "
+                                       "difference to the positive branch from the last step both ran. 0 = off "
+                                       "(exact). Uses the same start/end percent and max skips. Typical 0.05-0.3."),
             ],
             outputs=[_model_output()],
         )
 
     @classmethod
     def execute(cls, model: Any, method: str, threshold: float, forecast: str, start_percent: float,
-                end_percent: float, max_skips: int, calibration: str) -> io.NodeOutput:
+                end_percent: float, max_skips: int, calibration: str, cfg_reuse: float = 0.0) -> io.NodeOutput:
         node = "FewstepStepCache"
         if method not in STEP_METHODS:
             raise ValueError(f"{node}: method must be one of {list(STEP_METHODS)}, got {method!r}")
@@ -153,14 +159,23 @@ class FewstepStepCache(io.ComfyNode):
         def make() -> StepCache:
             return StepCache(**kwargs, calibration=cal)
 
-        label = f"{method}, threshold {kwargs['threshold']:g}, forecast {forecast}"
+        reuse = _check_threshold(cfg_reuse, f"{node} cfg_reuse")
+        cfg_kwargs = {**kwargs, "threshold": reuse, "indicator": "input"}
+
+        def make_cfg() -> CFGBranchCache:
+            return CFGBranchCache(**cfg_kwargs)
+
+        label = f"{method}, threshold {kwargs['threshold']:g}, forecast {forecast}" + (
+            f", cfg_reuse {reuse:g}" if reuse > 0 else "")
         m = model.clone()
-        m.model_options["transformer_options"][STEP_KEY] = CacheHolder("step", label, make, model, m, identity=identity)
+        m.model_options["transformer_options"][STEP_KEY] = CacheHolder(
+            "step", label, make, model, m, identity=identity, make_cfg=make_cfg if reuse > 0 else None)
         channels = int(model.model.latent_format.latent_channels)
         wmp = comfy.patcher_extension.WrappersMP
         for kind, fn in ((wmp.OUTER_SAMPLE, outer_sample_wrapper(STEP_KEY)),
                          (wmp.APPLY_MODEL, step_apply_model_wrapper()),
-                         (wmp.DIFFUSION_MODEL, step_diffusion_model_wrapper(channels))):
+                         (wmp.DIFFUSION_MODEL, step_diffusion_model_wrapper(channels)),
+                         (wmp.CALC_COND_BATCH, cfg_reuse_wrapper)):
             m.remove_wrappers_with_key(kind, STEP_KEY)
             m.add_wrapper_with_key(kind, STEP_KEY, fn)
         return io.NodeOutput(m)

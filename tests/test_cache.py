@@ -507,3 +507,64 @@ def test_block_range_runner_is_host_independent():
     assert cache.trace[-1]["compute"] and torch.equal(other, toy.run(xs[1], 5.0))
     with pytest.raises(CacheConfigError, match="head_blocks=4 leaves nothing to cache"):
         BlockRangeRunner(FirstBlockCache(0.1, head_blocks=4), 4)
+
+
+# ------------------------------------------------------------------------------------------------ CFG-branch reuse
+def _count_rows(den):
+    rows = {"n": 0}
+    return rows, den.register_forward_pre_hook(lambda _m, a: rows.__setitem__("n", rows["n"] + a[0].shape[0]))
+
+
+@pytest.mark.parametrize("name", ["teacher", "dit"])
+def test_cfg_branch_reuse_exact_at_threshold_zero_and_skips_uncond(name):
+    from fewstep.core.cache import CFGBranchCache
+
+    model, den, shape, cond = _case(name)
+    ref = _sample(model, den, shape, cond, steps=8)
+    for cache in (CFGBranchCache(0.0), CFGBranchCache(0.0, indicator="easycache", forecast="taylor1")):
+        with apply_cache(model, cache):
+            assert torch.equal(_sample(model, den, shape, cond, steps=8), ref), f"{cache!r} at threshold 0"
+        assert cache.stats["skipped"] == 0 and cache.stats["computed"] == 8
+    rows, hook = _count_rows(den)
+    try:
+        cache = CFGBranchCache(50.0, max_consecutive_skips=1)
+        with apply_cache(model, cache):
+            out = _sample(model, den, shape, cond, steps=8)
+    finally:
+        hook.remove()
+    b = shape[0]
+    assert cache.stats["skipped"] == 4 and cache.stats["computed"] == 4  # C.C.C.C.
+    assert rows["n"] == 4 * 2 * b + 4 * b  # computed steps: cond + uncond rows; skipped: cond rows only
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    if name == "teacher":  # a trained model: the reused branch difference keeps the sample close (random init: no)
+        assert (out - ref).abs().mean() < 0.25 * ref.abs().mean()
+
+
+def test_cfg_branch_reuse_state_per_branch_and_per_run():
+    from fewstep.core.cache import CFGBranchCache
+
+    model, den, shape, cond = _case("teacher")
+    cache = CFGBranchCache(0.5, max_consecutive_skips=2)
+    a = {"class_labels": torch.tensor([0, 1, 2])}
+    b = {"class_labels": torch.tensor([7, 8, 9])}
+    with apply_cache(model, cache):
+        _sample(model, den, shape, a, seed=1, steps=8)
+        out_b = _sample(model, den, shape, b, seed=2, steps=8)
+        assert cache.stats["runs"] == 2 and cache.stats["skipped"] > 0
+    fresh = CFGBranchCache(0.5, max_consecutive_skips=2)
+    with apply_cache(model, fresh):
+        assert torch.equal(_sample(model, den, shape, b, seed=2, steps=8), out_b)  # nothing carried over runs
+    # per branch key: two guidance sites interleaved at the same sigmas == each alone
+    x = torch.ones(2, 3)
+    both, alone = CFGBranchCache(0.5), CFGBranchCache(0.5)
+    for sigma, k in ((10.0, 1.0), (9.0, 1.001), (8.0, 1.002)):
+        for key, scale in (("site-a", 1.0), ("site-b", 5.0)):
+            cond_out, uncond_out = x * k * scale, x * (k + 1) * scale
+            got = both(lambda u=uncond_out: u, cond_out, sigma, key, signal=x * k)
+            if key == "site-a":
+                assert torch.equal(got, alone(lambda u=uncond_out: u, cond_out, sigma, key, signal=x * k))
+    assert both.stats["skipped"] == 4 and both.stats["computed"] == 2  # each key computes its own first call
+    with pytest.raises(CacheConfigError, match="apply it to a CFGDenoiser"):
+        apply_cache(den, CFGBranchCache(0.1))
+    with pytest.raises(CacheConfigError, match="unknown indicator 'magcache'"):
+        CFGBranchCache(0.1, indicator="magcache")

@@ -102,8 +102,9 @@ def _block_modules(dm, arch):
 
 
 def _step(env, model, method="easycache", threshold=0.1, forecast="none", start=0.0, end=1.0, max_skips=0,
-          calibration="auto"):
-    return env.C.FewstepStepCache.execute(model, method, threshold, forecast, start, end, max_skips, calibration)[0]
+          calibration="auto", **extra):
+    return env.C.FewstepStepCache.execute(model, method, threshold, forecast, start, end, max_skips, calibration,
+                                          **extra)[0]
 
 
 def _block(env, model, method="first_block", threshold=0.1, head_blocks=1, interval=2, delta_blocks=0, boundary=0.5,
@@ -511,3 +512,84 @@ def test_clones_with_different_settings_do_not_share_state(env):
     assert torch.equal(out_inh, _sample(env, fresh, "digits", steps=10, seed=1, batch=2))
     assert torch.equal(out_b, _sample(env, _block(env, fresh, "first_block", threshold=1.0), "digits", steps=10,
                                       seed=2))
+
+
+# ------------------------------------------------------------------------------------------------ CFG-branch reuse
+
+
+class _Rows:
+    """Rows entering the network's first layer (cond + uncond rows of a batched call)."""
+
+    def __init__(self, model, arch):
+        self.n = 0
+        self.h = _stem(model.model.diffusion_model, arch).register_forward_pre_hook(self._add)
+
+    def _add(self, _m, a):
+        self.n += a[0].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.h.remove()
+
+
+@pytest.mark.parametrize("arch", ("digits", "flux", "sd15"))
+def test_cfg_branch_reuse_skips_the_negative_branch(env, arch):
+    base = env.models[arch]
+    ref = _sample(env, base, arch)
+    for reuse in (0.0, 1e-12):  # off, and on but never below the threshold: both the unpatched sample, bit for bit
+        patched = _step(env, base, "teacache_uncalibrated", threshold=0.0, cfg_reuse=reuse)
+        assert torch.equal(_sample(env, patched, arch), ref), reuse
+    cfg = _stats(patched, env.C.STEP_KEY)["cfg"]
+    assert cfg["computed"] == STEPS and cfg["skipped"] == 0
+    patched = _step(env, base, "teacache_uncalibrated", threshold=0.0, cfg_reuse=1.0, max_skips=1)
+    with _Rows(base, arch) as rows:
+        out = _sample(env, patched, arch)
+    st = _stats(patched, env.C.STEP_KEY)
+    assert st["cfg"]["computed"] == 3 and st["cfg"]["skipped"] == 3  # compute, reuse, compute, ...
+    assert rows.n == 3 * 2 + 3 * 1  # computed steps: positive + negative rows; reused steps: positive only
+    assert st["skipped"] == 0 and torch.isfinite(out).all() and not torch.equal(out, ref)
+    # per run: a second run of the same MODEL starts from nothing and repeats the first exactly
+    again = _sample(env, patched, arch)
+    assert torch.equal(again, out) and _stats(patched, env.C.STEP_KEY)["cfg"] == st["cfg"]
+    # cfg 1 has no negative branch: nothing to reuse, nothing changed
+    one = _step(env, base, "teacache_uncalibrated", threshold=0.0, cfg_reuse=1.0)
+    assert torch.equal(_sample(env, one, arch, cfg=1.0), _sample(env, base, arch, cfg=1.0))
+    assert _stats(one, env.C.STEP_KEY)["cfg"]["calls"] == 0
+
+
+def test_cfg_branch_reuse_bad_value_is_rejected(env):
+    with pytest.raises(ValueError, match=r"cfg_reuse: threshold must be in \[0, 1.0\].*got -0.5"):
+        _step(env, env.models["digits"], cfg_reuse=-0.5)
+
+
+def test_expert_switch_mid_run_never_reuses_the_other_experts_residual(env):
+    """Wan 2.2 style: one run calls a high-noise expert, then a low-noise expert (another network object). State is
+    keyed by the network too: the low-noise expert's first call computes and every output is its own network's
+    (a shared state would return the high-noise expert's residual there)."""
+    base = env.models["digits"]
+    patched = _step(env, base, "teacache_uncalibrated", threshold=0.9)
+    holder = patched.model_options["transformer_options"][env.C.STEP_KEY]
+    run = holder.new_run(base.get_model_object("model_sampling"))
+    wrapper = env.W.step_diffusion_model_wrapper(1)
+
+    class Expert:
+        def __init__(self, scale):
+            self.scale, self.calls = scale, 0
+            self.class_obj = object()  # the diffusion model object ComfyUI's executor carries
+
+        def __call__(self, x, t, context, control, opts):
+            self.calls += 1
+            return x * self.scale
+
+    high, low = Expert(2.0), Expert(-3.0)
+    x = torch.ones(1, 1, 16, 16)
+    outs = []
+    for i, sigma in enumerate((10.0, 8.0, 6.0, 4.0, 2.0, 1.0)):
+        expert = high if i < 3 else low
+        opts = {"sigmas": torch.tensor([sigma]), "cond_or_uncond": [0], f"{env.C.STEP_KEY}_run": run}
+        outs.append(wrapper(expert, x, torch.tensor([sigma * 100]), None, None, opts))
+    assert high.calls == 1 and low.calls == 1  # each expert computed its first call, then reused its own residual
+    assert all(torch.equal(o, x * 2.0) for o in outs[:3]) and all(torch.equal(o, x * -3.0) for o in outs[3:])
+    assert run.cache.stats["computed"] == 2 and run.cache.stats["skipped"] == 4

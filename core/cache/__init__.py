@@ -4,6 +4,7 @@ changed, and reuse or forecast what it would have produced. Pure torch; patches,
 - ``StepCache`` -- TeaCache / EasyCache / MagCache family on the whole network (any model).
 - ``FirstBlockCache`` -- First-Block-Cache and TeaCache on a transformer's block stack.
 - ``DeltaDiTCache`` -- Delta-DiT front/back block caching by sampling phase.
+- ``CFGBranchCache`` -- FasterCache's CFG reuse: the unconditional branch reused across steps (on a ``CFGDenoiser``).
 - ``forecast="taylor1"/"taylor2"`` on any of them -- TaylorSeer forecasting instead of plain reuse.
 - ``calibrate`` / ``save_calibration`` / ``load_calibration`` -- per-model TeaCache polynomials and MagCache curves,
   keyed by model name and config hash; ``CalibrationRecorder`` + ``fit_calibration`` let other hosts (ComfyUI)
@@ -55,7 +56,7 @@ branch keys, rows, shapes or regions; ``stats`` counts ``calls``, ``computed``, 
 ``blocks_run`` / ``blocks_skipped`` for block caches).
 """
 
-from .caches import BlockCache, DeltaDiTCache, FirstBlockCache, StepCache
+from .caches import BlockCache, CFGBranchCache, DeltaDiTCache, FirstBlockCache, StepCache
 from .calibration import (
     Calibration,
     CalibrationError,
@@ -79,7 +80,8 @@ from .runner import BlockRangeRunner
 from .state import ResidualCache
 
 __all__ = [
-    "INDICATORS", "BlockCache", "BlockLayout", "BlockList", "BlockRangeRunner", "CacheConfigError", "CacheHandle",
+    "INDICATORS", "BlockCache", "BlockLayout", "BlockList", "BlockRangeRunner", "CFGBranchCache", "CacheConfigError",
+    "CacheHandle",
     "Calibration", "CalibrationError", "CalibrationMismatchError", "CalibrationMissingError", "CalibrationRecorder",
     "DeltaDiTCache", "FirstBlockCache", "ResidualCache", "StepCache", "TaylorForecaster", "apply_cache", "calibrate",
     "default_search_dirs", "find_blocks", "find_denoiser", "fit_calibration", "load_calibration",

@@ -130,3 +130,22 @@ class DeltaDiTCache(BlockCache):
 
     def signal_source(self) -> str | None:
         return None if self.indicator == "interval" else "range_input"
+
+
+class CFGBranchCache(ResidualCache):
+    """Reuse of the unconditional branch across steps -- FasterCache's CFG-Cache (Lv et al. 2024, "FasterCache:
+    Training-Free Video Diffusion Model Acceleration with High Quality", arXiv:2410.19355, Sec. 3.3): the conditional
+    branch runs every step; the unconditional one only when the indicator says the step moved, and in between it is
+    ``cond_t + (uncond_c - cond_c)``, the conditional output now plus the branch difference of the last step where
+    both ran (or its TaylorSeer forecast with ``forecast="taylor1"``). FasterCache splits that difference into low and
+    high frequencies weighted over time; here it is reused whole.
+
+    On the state machine: ``x`` is the conditional output and ``out`` the unconditional one, so the cached "residual"
+    is the branch difference, kept per row and per key; ``signal`` (default: the model input of the step) drives the
+    indicator. Hosts decide *before* running the network, so a computed step is the host's usual batched call
+    (threshold 0 is bit-identical to the uncached model): ``apply_cache(CFGDenoiser, CFGBranchCache(...))`` here, the
+    step cache node's ``cfg_reuse`` input in ComfyUI.
+    """
+
+    default_indicator = "input"
+    indicators = ("input", "easycache", "interval")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .caches import BlockCache, StepCache
+from .caches import BlockCache, CFGBranchCache, StepCache
 from .identity import find_denoiser, model_fingerprint
 from .layouts import BlockIO, BlockLayout, diffusers_layout, layout_blocks
 from .options import CacheConfigError
@@ -209,6 +209,32 @@ def _apply_step_denoiser(handle: CacheHandle, den: nn.Module, cache: StepCache) 
     handle._undo.append(patch_attribute(den, "call", call))
 
 
+def _apply_cfg_branch(handle: CacheHandle, cfg: nn.Module, cache: CFGBranchCache) -> None:
+    """Wrap a ``CFGDenoiser``'s forward: the cache decides from the step's input; a computed step is the usual
+    batched cond+uncond call, a skipped one runs the conditional rows only and reuses the branch difference."""
+    from ..guidance.cfg import cfg_combine
+
+    orig = cfg.forward
+
+    def forward(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        if cfg.scale == 1.0 or cfg.cond_key not in cond:
+            return orig(x, sigma, **cond)
+        if cache.should_compute(x, sigma_value(sigma), handle.key, signal=x):
+            out: list[Tensor] = []
+            hook = cfg.denoiser.register_forward_hook(lambda _m, _a, o: out.append(o))
+            try:
+                result = orig(x, sigma, **cond)
+            finally:
+                hook.remove()
+            cond_out, uncond_out = out[-1].chunk(2)
+            cache.update(cond_out, uncond_out, handle.key)
+            return result
+        cond_out = cfg.denoiser(x, sigma, **cond)
+        return cfg_combine(cond_out, cache.predict(cond_out, handle.key), cfg.scale)
+
+    handle._undo.append(patch_attribute(cfg, "forward", forward))
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def apply_cache(
     model: nn.Module,
@@ -225,7 +251,8 @@ def apply_cache(
     Args:
         model: a fewstep ``Denoiser`` (or a wrapper around one such as ``CFGDenoiser``), or a bare network (a
             diffusers model: then ``model_sampling`` defaults to ``diffusers_adapters.default_model_sampling``).
-        cache: a ``StepCache``, ``FirstBlockCache`` or ``DeltaDiTCache`` (one model at a time).
+        cache: a ``StepCache``, ``FirstBlockCache``, ``DeltaDiTCache`` or ``CFGBranchCache`` (on a ``CFGDenoiser``),
+            one model at a time.
         model_sampling: overrides the denoiser's (maps timesteps to sigma and ``start_percent`` to sigma).
         name: the model name used for calibration lookup (default: the denoiser's ``name``).
         key: branch key passed to the cache for every call made through this handle.
@@ -257,7 +284,14 @@ def apply_cache(
                 handle.pending_sigma = None if s is None else sigma_value(torch.as_tensor(s))
 
             handle._undo.append(den.register_forward_pre_hook(grab_sigma, with_kwargs=True).remove)
-        if isinstance(cache, BlockCache):
+        if isinstance(cache, CFGBranchCache):
+            from ..guidance.cfg import CFGDenoiser
+
+            if not isinstance(model, CFGDenoiser):
+                raise CacheConfigError(f"CFGBranchCache reuses the unconditional branch of classifier-free guidance: "
+                                       f"apply it to a CFGDenoiser, got {type(model).__name__}")
+            _apply_cfg_branch(handle, model, cache)
+        elif isinstance(cache, BlockCache):
             _apply_blocks(handle, net, cache, ms, blocks)
         elif den is not None:
             _apply_step_denoiser(handle, den, cache)

@@ -179,8 +179,17 @@ register_block_layout("diffusers", "SD3Transformer2DModel", BlockLayout((BlockLi
 
 _IMG, _IMG_TXT = ("img",), ("img", "txt")
 register_block_layout("comfy", "DigitsDiT", BlockLayout((BlockList("dit.transformer_blocks", streams=_IMG),)))
-register_block_layout("comfy", "Flux", BlockLayout((BlockList("double_blocks", kind="double_block", streams=_IMG_TXT),
-                                                    BlockList("single_blocks", kind="single_block", streams=_IMG))))
+_DOUBLE_SINGLE = BlockLayout((BlockList("double_blocks", kind="double_block", streams=_IMG_TXT),
+                              BlockList("single_blocks", kind="single_block", streams=_IMG)))
+# Flux and Flux.2 (one class), Chroma, HunyuanVideo / 1.5: double blocks on (img, txt), then torch.cat((txt, img))
+# and single blocks on the joint tokens (ComfyUI 0.33 comfy/ldm/{flux,chroma,hunyuan_video}/model.py)
+for _name in ("Flux", "Chroma", "HunyuanVideo"):
+    register_block_layout("comfy", _name, _DOUBLE_SINGLE)
+# Qwen-Image: dual-stream transformer_blocks as "double_block" on (img, txt) (comfy/ldm/qwen_image/model.py)
+register_block_layout("comfy", "QwenImageTransformer2DModel",
+                      BlockLayout((BlockList("transformer_blocks", streams=_IMG_TXT),)))
+# Lumina 2 / Z-Image (NextDiT) do not route their layers through patches_replace["dit"]: not declared, refused.
+# Wan 2.1 / 2.2 (both experts are WanModel; each expert is its own MODEL with its own cache state)
 for _name in ("WanModel", "VaceWanModel", "CameraWanModel", "HumoWanModel", "AnimateWanModel"):
     register_block_layout("comfy", _name, BlockLayout((BlockList("blocks", streams=_IMG),)))
 for _name in ("MMDiT", "OpenAISignatureMMDITWrapper"):
