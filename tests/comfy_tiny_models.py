@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import comfy_versions
 import torch
 
 CONTEXT_DIM = 32
@@ -56,7 +57,8 @@ def tiny_model(arch: str, seed: int = 0, std: float = 0.05) -> Any:
     import comfy.supported_models
 
     cls_name, unet_config, _ = ARCHS[arch]
-    model_config = getattr(comfy.supported_models, cls_name)(dict(unet_config))
+    extra = comfy_versions.host().unet_config_extra.get(arch, {})
+    model_config = getattr(comfy.supported_models, cls_name)({**unet_config, **extra})
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     g = torch.Generator().manual_seed(seed)
