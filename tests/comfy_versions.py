@@ -112,3 +112,36 @@ def host() -> Conventions:
     import comfyui_version
 
     return for_version(comfyui_version.__version__)
+
+
+def assert_bad_combo_rejected(url: str, graph: dict, value: str, own_message: str) -> str:
+    """A prompt whose COMBO input holds ``value`` (not among its options) is rejected and the error names ``value``.
+
+    Where the host validates V3 combo values at ``POST /prompt`` (ComfyUI >= 0.7.0) that is an HTTP 400 with
+    ``value_not_in_list`` naming the value, before any fewstep code runs; on older hosts the prompt is queued and
+    fails at execution with fewstep's own message ``own_message`` (which must name the value too). Returns the
+    error text.
+    """
+    import json
+
+    import comfy_client
+
+    assert value in own_message, "fewstep's own message must name the bad value"
+    code, body = comfy_client.post_prompt(url, graph)
+    if host().validates_v3_combos_at_prompt:
+        errors = json.dumps(body.get("node_errors", {}))
+        assert code == 400, f"expected HTTP 400 for {value!r}, got {code}: {body}"
+        assert "value_not_in_list" in errors and value in errors, errors
+        return errors
+    assert code == 200, body
+    entry = comfy_client.wait(url, body["prompt_id"])
+    message = comfy_client.error_message(entry)
+    assert entry["status"]["status_str"] == "error" and own_message in message, message
+    return message
+
+
+def collected() -> Conventions:
+    """Conventions for test collection (before ComfyUI is imported): ``$FEWSTEP_COMFYUI_ROOT``'s version if set,
+    else :func:`selected`."""
+    root = os.environ.get("FEWSTEP_COMFYUI_ROOT")
+    return conventions(Path(root) if root else None)

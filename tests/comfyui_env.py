@@ -522,8 +522,9 @@ def ensure_comfyui() -> Path:
 
 
 def find_archive(version: str = COMFYUI_VERSION) -> Path:
-    """``comfyui-<version>.tar.gz`` from ``$FEWSTEP_COMFYUI_ARCHIVES`` (default ``../shared/fixtures/comfyui`` seen from the repo or a folder above it),
-    checked against the folder's ``SHA256SUMS`` and the sha256 pinned in ``ARCHIVE_SHA256``."""
+    """``comfyui-<version>.tar.gz`` from ``$FEWSTEP_COMFYUI_ARCHIVES`` (default ``../shared/fixtures/comfyui``
+    seen from the repo or a folder above it), checked against the folder's ``SHA256SUMS`` and the sha256 pinned
+    in ``ARCHIVE_SHA256``."""
     folder = Path(os.environ.get(ENV_ARCHIVES) or DEFAULT_ARCHIVES).expanduser()
     archive = folder / f"comfyui-{version}.tar.gz"
     if not archive.is_file():
@@ -616,7 +617,7 @@ def _install_tree() -> None:
 # Libraries ComfyUI imports that probe for torchvision with find_spec at import time and cache the
 # answer (transformers: is_torchvision_available() in its __init__).
 _PROBE_TORCHVISION_AT_IMPORT = ("transformers",)
-_STUBBED_IMPORT = re.compile(r"^\s*(?:import (?:torchvision|torchaudio)\b|from (?:torchvision|torchaudio)\b)", re.MULTILINE)
+_STUBBED_IMPORT = re.compile(r"^\s*(?:import|from) (?:torchvision|torchaudio)\b", re.MULTILINE)
 
 
 def torchvision_importers(root: Path) -> list[str]:
