@@ -26,11 +26,18 @@ NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 
 # --------------------------------------------------------------------------------------- helpers
 def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
-    """Fresh Gaussian noise per call, seeded like ComfyUI's ``default_noise_sampler``."""
+    """Fresh Gaussian noise per call, seeded like current ComfyUI's ``default_noise_sampler`` (since 0.6.0).
+
+    Convention: a torch generator on ``x.device`` seeded with ``seed``, or ``seed + 1`` on the CPU (so the first
+    ancestral noise differs from the initial latent noise drawn with ``seed``); ``seed=None`` uses torch's global
+    generator. Inside ComfyUI fewstep's sampler nodes pass the host's own noise sampler instead, so a seed gives the
+    host's sample on every ComfyUI version (``nodes/samplers.py``); pass ``noise_sampler`` to any ancestral sampler
+    here to use another stream.
+    """
     generator = None
     if seed is not None:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed))
+        generator.manual_seed(int(seed) + 1 if x.device.type == "cpu" else int(seed))
     return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
                                                  generator=generator)
 
