@@ -2,8 +2,9 @@
 
 The fingerprint is the calibration key (``model_fingerprint``: name + architecture/sampling config hash) plus
 ``weights_fingerprint`` of the weight values: a predictor learns one network's features, so a fine-tune or a
-distilled student of the same architecture needs its own (unlike a TeaCache/MagCache calibration, which transfers across fine-tunes). Loading a
-predictor for another model raises ``LearnedCacheMismatchError`` naming both fingerprints.
+distilled student of the same architecture needs its own (unlike a TeaCache/MagCache calibration, which transfers
+across fine-tunes). Loading a predictor for another model raises ``LearnedCacheMismatchError`` naming both
+fingerprints.
 """
 
 from __future__ import annotations
