@@ -164,6 +164,7 @@ class Run:
         self.txt_len = 0
         self.head_shape: tuple | None = None
         self._experts: dict[int, int] = {}
+        self.current_expert = 0  # block cache: set by the DIFFUSION_MODEL wrapper around each network call
 
     def expert(self, model: Any) -> int:
         """The index of the network object making this call within the run (0, 1, ...): part of every state key, so
@@ -189,7 +190,7 @@ class Run:
             if sigmas is None:
                 runner.end()
             else:
-                runner.begin(sigmas, branch(opts))
+                runner.begin(sigmas, (branch(opts), self.current_expert))
                 self.head_shape = tuple(args["img"].shape)
                 txt = args.get("txt")
                 self.txt_len = txt.shape[1] if "txt" in self._streams(0) and isinstance(txt, Tensor) else 0
@@ -255,6 +256,15 @@ def step_diffusion_model_wrapper(latent_channels: int) -> Callable[..., Any]:
         return run.cache(lambda: executor(*args, **kwargs), x[:, :latent_channels], opts["sigmas"], key)
 
     return wrapper
+
+
+def block_diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """``DIFFUSION_MODEL`` wrapper of the block cache: tells the run which network object the blocks belong to, so
+    state is partitioned per expert within a run (see ``Run.expert``)."""
+    run: Run | None = call_options(args, kwargs).get(f"{BLOCK_KEY}_run")
+    if run is not None:
+        run.current_expert = run.expert(getattr(executor, "class_obj", None))
+    return executor(*args, **kwargs)
 
 
 def step_apply_model_wrapper() -> Callable[..., Any]:

@@ -33,6 +33,7 @@ from .cache_wrappers import (
     STEP_KEY,
     BlockPatch,
     CacheHolder,
+    block_diffusion_model_wrapper,
     block_layout,
     cfg_reuse_wrapper,
     outer_sample_wrapper,
@@ -253,8 +254,10 @@ class FewstepBlockCache(io.ComfyNode):
         m.model_options["transformer_options"][BLOCK_KEY] = CacheHolder("block", label, make, model, m, layout,
                                                                         identity)
         wmp = comfy.patcher_extension.WrappersMP
-        m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, BLOCK_KEY)
-        m.add_wrapper_with_key(wmp.OUTER_SAMPLE, BLOCK_KEY, outer_sample_wrapper(BLOCK_KEY))
+        for kind, fn in ((wmp.OUTER_SAMPLE, outer_sample_wrapper(BLOCK_KEY)),
+                         (wmp.DIFFUSION_MODEL, block_diffusion_model_wrapper)):
+            m.remove_wrappers_with_key(kind, BLOCK_KEY)
+            m.add_wrapper_with_key(kind, BLOCK_KEY, fn)
         for g, (kind, i, _) in enumerate(layout):
             m.set_model_patch_replace(BlockPatch(g), "dit", kind, i)
         return io.NodeOutput(m)

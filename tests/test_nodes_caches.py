@@ -593,3 +593,50 @@ def test_expert_switch_mid_run_never_reuses_the_other_experts_residual(env):
     assert high.calls == 1 and low.calls == 1  # each expert computed its first call, then reused its own residual
     assert all(torch.equal(o, x * 2.0) for o in outs[:3]) and all(torch.equal(o, x * -3.0) for o in outs[3:])
     assert run.cache.stats["computed"] == 2 and run.cache.stats["skipped"] == 4
+
+
+def test_block_cache_state_is_partitioned_per_expert_within_a_run(env):
+    """The block cache's run state is keyed by the network object too (set by its DIFFUSION_MODEL wrapper): a second
+    network called in the same run with the same block patches starts from its own, empty state."""
+    base = env.models["digits"]
+    patched = _block(env, base, "first_block", threshold=1.0)
+    holder = patched.model_options["transformer_options"][env.C.BLOCK_KEY]
+    run = holder.new_run(base.get_model_object("model_sampling"))
+    n = len(holder.layout)
+
+    class Expert:
+        def __init__(self, scale):
+            self.class_obj, self.scale, self.runs = object(), scale, 0
+
+        def __call__(self, x, opts):  # a network body: n blocks, each through its patches_replace entry
+            state = {"img": x}
+            for g in range(n):
+                def original(args, scale=self.scale if g else 1.5):  # the same head block in both experts
+                    self.runs += 1
+                    return {"img": args["img"] * scale}
+                state = env.W.BlockPatch(g)({"img": state["img"], "transformer_options": opts},
+                                            {"original_block": original})
+            return state["img"]
+
+    high, low = Expert(1.5), Expert(0.5)
+    x = torch.ones(1, 4, 8)
+    outs = []
+    for i, sigma in enumerate((10.0, 8.0, 6.0, 4.0, 2.0, 1.0)):
+        expert = high if i < 3 else low
+        opts = {"sigmas": torch.tensor([sigma]), "cond_or_uncond": [0], f"{env.C.BLOCK_KEY}_run": run}
+        outs.append(_with_class(env, expert, x, opts))
+    # the low-noise expert's first call computed all its blocks (a shared state would have skipped it: the head
+    # residual is the same, and returned the high-noise expert's residual)
+    assert torch.equal(outs[3], x * 1.5 * 0.5 ** (n - 1)) and torch.equal(outs[2], x * 1.5**n)
+    assert high.runs == n + 2 * 1 and low.runs == n + 2 * 1  # then the head block only, per expert
+    assert run.cache.stats["computed"] == 2 and run.cache.stats["skipped"] == 4
+
+
+def _with_class(env, expert, x, opts):
+    class Executor:
+        class_obj = expert.class_obj
+
+        def __call__(self, x, opts):
+            return expert(x, opts)
+
+    return env.W.block_diffusion_model_wrapper(Executor(), x, opts)
