@@ -568,3 +568,62 @@ def test_cfg_branch_reuse_state_per_branch_and_per_run():
         apply_cache(den, CFGBranchCache(0.1))
     with pytest.raises(CacheConfigError, match="unknown indicator 'magcache'"):
         CFGBranchCache(0.1, indicator="magcache")
+
+
+# ------------------------------------------------------------------------------------------------ declared layouts
+def _wan():
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=3, rope_max_seq_len=32).eval()
+    ctx = torch.randn(1, 5, 16)
+    return net, (1, 4, 2, 8, 8), lambda x, t: net(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                                                  return_dict=False)[0], list(net.blocks)
+
+
+def _qwen():
+    torch.manual_seed(0)
+    net = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                axes_dims_rope=(2, 2, 4)).eval()
+    ctx, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long)
+    def call(x, t):
+        return net(hidden_states=x, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t / 1000,
+                   img_shapes=[(1, 4, 4)], return_dict=False)[0]
+
+    return net, (1, 16, 16), call, list(net.transformer_blocks)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("build", [_wan, _qwen], ids=["wan", "qwen_image"])
+def test_declared_layouts_of_video_and_qwen_transformers(build):
+    """Block caches on diffusers' Wan and Qwen-Image transformers through their declared layouts (Wan: a tensor
+    per block, the text as context; Qwen-Image: (encoder, hidden) streams): exact at threshold 0, real skips above."""
+    from fewstep.core.models import FlowMatching
+
+    net, shape, call, blocks = build()
+    ms = FlowMatching(multiplier=1000.0)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    walk = [(noise * s, torch.tensor([1000.0 * s])) for s in (0.9, 0.8, 0.7, 0.6, 0.5)]
+    ref = [call(x, t) for x, t in walk]
+    runs = {"n": 0}
+    inner = [getattr(b, "attn1", None) or b.attn for b in blocks]  # runs only when the block really computes
+    hooks = [m.register_forward_pre_hook(lambda *a: runs.__setitem__("n", runs["n"] + 1)) for m in inner]
+    try:
+        for threshold in (0.0, 50.0):
+            runs["n"] = 0
+            cache = FirstBlockCache(threshold, max_consecutive_skips=1)
+            with apply_cache(net, cache, model_sampling=ms):
+                outs = [call(x, t) for x, t in walk]
+            st = cache.stats
+            assert runs["n"] == st["blocks_run"] == 5 * len(blocks) - st["blocks_skipped"]
+            if threshold == 0:
+                assert all(torch.equal(o, r) for o, r in zip(outs, ref)) and st["blocks_skipped"] == 0
+            else:
+                assert st["skipped"] == 2 and st["blocks_skipped"] == 2 * (len(blocks) - 1)  # C.C.C
+                assert all(torch.isfinite(o).all() for o in outs) and not torch.equal(outs[1], ref[1])
+                assert torch.equal(outs[2], ref[2])  # a computed call after a skip is the model's own output
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all("forward" not in vars(b) for b in blocks)

@@ -176,6 +176,11 @@ for _name in ("FluxTransformer2DModel", "ChromaTransformer2DModel"):
     register_block_layout("diffusers", _name, BlockLayout((BlockList("transformer_blocks", _DUAL),
                                                            BlockList("single_transformer_blocks", _DUAL))))
 register_block_layout("diffusers", "SD3Transformer2DModel", BlockLayout((BlockList("transformer_blocks", _DUAL),)))
+register_block_layout("diffusers", "QwenImageTransformer2DModel",
+                      BlockLayout((BlockList("transformer_blocks", _DUAL),), modulated=None))
+# Wan 2.1 / 2.2: the text is cross-attention context, not a stream the blocks update
+register_block_layout("diffusers", "WanTransformer3DModel", BlockLayout((BlockList("blocks"),), encoder_arg=None,
+                                                                        modulated=None))
 
 _IMG, _IMG_TXT = ("img",), ("img", "txt")
 register_block_layout("comfy", "DigitsDiT", BlockLayout((BlockList("dit.transformer_blocks", streams=_IMG),)))
