@@ -46,7 +46,7 @@ class LearnedCacheModule(L.LightningModule):
         ``max_rows`` token rows of ``pairs``; returns the fit's relative error."""
         n_tok = pairs["h"].shape[1]
         k = max(1, min(pairs["h"].shape[0], max_rows // max(n_tok, 1)))
-        return self.predictor.fit_linear(pairs["h"][:k], pairs["r_c"][:k], pairs["r_t"][:k],
+        return self.predictor.fit_linear(pairs["h"][:k], pairs["r_c"][:k], pairs["h_c"][:k], pairs["r_t"][:k],
                                          pairs["sigma_t"][:k], pairs["sigma_c"][:k])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -113,9 +113,10 @@ def fit_learned_cache(pairs: dict[str, torch.Tensor], *, rank: int = 48, mix: bo
     if init_linear and ckpt_path is None:
         rec["linear_fit_rel_err"] = module.init_linear(pairs)
     callbacks = [export] if export is not None else []
-    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                        default_root_dir=default_root_dir, **trainer_kwargs)
+    kw: dict[str, Any] = {"max_epochs": epochs, "callbacks": callbacks, "logger": False, "enable_checkpointing": False,
+                          "enable_progress_bar": False, "enable_model_summary": False, "deterministic": True,
+                          "default_root_dir": default_root_dir}
+    trainer = L.Trainer(**{**kw, **trainer_kwargs})
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     rec["optimizer_steps"] = int(trainer.global_step)

@@ -98,15 +98,15 @@ def test_pairs_shapes_and_gaps():
     net = LinearTail()
     p = _pairs(net, n=3)
     # 4 calls, gaps 1..2: pairs (1,0) (2,1) (2,0) (3,2) (3,1) -> 5 per row batch
-    assert p["h"].shape == (5 * 3, T, D) and p["r_t"].shape == p["r_c"].shape == p["h"].shape
+    assert p["h"].shape == (5 * 3, T, D) and p["r_t"].shape == p["r_c"].shape == p["h_c"].shape == p["h"].shape
     assert sorted(set(p["gap"].tolist())) == [1, 2]
     assert torch.all(p["sigma_t"] < p["sigma_c"])
 
 
 def test_predictor_starts_as_reuse():
     pred = ResidualPredictor(D, rank=4)
-    h, r = torch.randn(2, T, D), torch.randn(2, T, D)
-    assert torch.equal(pred(h, r, torch.ones(2), torch.ones(2) * 2), r)
+    h, r, hc = torch.randn(2, T, D), torch.randn(2, T, D), torch.randn(2, T, D)
+    assert torch.equal(pred(h, r, hc, torch.ones(2), torch.ones(2) * 2), r)
 
 
 def test_learns_linear_skipped_blocks_exactly():
@@ -247,5 +247,6 @@ def test_bad_configuration_is_refused():
     cache = LearnedCache(ResidualPredictor(8), skip_steps=[1], head_blocks=2, tail_blocks=1)
     with pytest.raises(CacheConfigError, match="leave no block"):
         cache.block_range(3, 1.0)
-    with pytest.raises(ValueError, match="expects h and r_c"):
-        ResidualPredictor(8)(torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match="expects h, r_c and h_c"):
+        ResidualPredictor(8)(torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), torch.ones(1),
+                             torch.ones(1))

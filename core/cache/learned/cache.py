@@ -5,8 +5,8 @@ applied with ``apply_cache(model, cache)`` -- the block-range runner calls it at
 
 - ``should_compute``: a fixed schedule of call indices within a sampling run (``skip_steps``): few-step models have
   fixed schedules and no two consecutive steps alike, so an indicator has nothing to measure (the issue's point);
-- ``update``: remembers the range's residual ``r_c = h_b - h_a`` and its sigma;
-- ``predict``: ``h_a + predictor(h_a, r_c, sigma_t, sigma_c)`` (Eq. (1) of ``predictor.py``).
+- ``update``: remembers the range's input ``h_a(c)``, its residual ``r_c = h_b - h_a`` and its sigma;
+- ``predict``: ``h_a + predictor(h_a, r_c, h_a(c), sigma_t, sigma_c)`` (Eq. (1) of ``predictor.py``).
 
 State is kept per key (guidance branch / call site) and reset when sigma rises (a new run) or the batch shape changes;
 a skip with no residual of the same shape computes instead. The predictor's rows are independent, so the cond rows of
@@ -43,12 +43,13 @@ def _with_hidden(x: Feature, h: Tensor) -> Feature:
 
 
 class _State:
-    __slots__ = ("step", "sigma", "r_c", "sigma_c", "pending")
+    __slots__ = ("step", "sigma", "r_c", "h_c", "sigma_c", "pending")
 
     def __init__(self) -> None:
         self.step = 0
         self.sigma: float | None = None
         self.r_c: Tensor | None = None
+        self.h_c: Tensor | None = None
         self.sigma_c: float | None = None
         self.pending: tuple[bool, float] | None = None
 
@@ -158,7 +159,8 @@ class LearnedCache(BlockCache):
 
     def update(self, x: Feature, out: Feature, key: Hashable = None) -> None:
         st, s = self._take(key, True)
-        st.r_c = _hidden(out) - _hidden(x)
+        st.h_c = _hidden(x)
+        st.r_c = _hidden(out) - st.h_c
         st.sigma_c = s
         self.stats["computed"] += 1
 
@@ -170,7 +172,7 @@ class LearnedCache(BlockCache):
         if dev != h.device:
             self.predictor.to(h.device)
         n = h.shape[0]
-        r = self.predictor(h, st.r_c, torch.full((n,), s, device=h.device),
+        r = self.predictor(h, st.r_c, st.h_c, torch.full((n,), s, device=h.device),
                            torch.full((n,), float(st.sigma_c), device=h.device))
         self.stats["skipped"] += 1
         return _with_hidden(x, h + r)

@@ -14,14 +14,14 @@ from torch.utils.data import Dataset, Sampler
 from .predictor import ResidualPredictor
 from .trajectories import record_range
 
-PAIR_KEYS = ("h", "r_c", "r_t", "sigma_t", "sigma_c")
+PAIR_KEYS = ("h", "r_c", "h_c", "r_t", "sigma_t", "sigma_c")
 
 
 def predictor_loss(predictor: ResidualPredictor, batch: dict[str, Tensor]) -> Tensor:
     """Relative squared error of the predicted residual, ``||r_hat - r_t||^2 / ||r_t||^2`` over the batch (DisCa
     trains its predictor by regression to the full model's features; relative so that the loss reads as a fraction
     of the residual whatever the feature scale)."""
-    pred = predictor(batch["h"], batch["r_c"], batch["sigma_t"], batch["sigma_c"])
+    pred = predictor(batch["h"], batch["r_c"], batch["h_c"], batch["sigma_t"], batch["sigma_c"])
     return (pred - batch["r_t"]).pow(2).sum() / batch["r_t"].pow(2).sum().clamp_min(1e-12)
 
 

@@ -4,7 +4,7 @@
 network call, the hidden state entering the range and the range's residual, with the call's sigma. Run any sampler
 (teacher with CFG, a distilled student) inside it; ``Trajectories.pairs(max_gap)`` then makes the training pairs of
 Eq. (1) in ``predictor.py``: for every call ``t`` and earlier call ``c`` of the same run with ``t - c <= max_gap``,
-input ``(h_a(t), r(c), sigma_t, sigma_c)`` and target ``r(t)`` -- exactly what the cache has at a skipped step
+input ``(h_a(t), r(c), h_a(c), sigma_t, sigma_c)`` and target ``r(t)`` -- exactly what the cache has at a skipped step
 whose last full compute was ``c`` steps back.
 """
 
@@ -47,11 +47,11 @@ class Trajectories:
         return len(self.h)
 
     def pairs(self, max_gap: int = 1, min_gap: int = 1) -> dict[str, Tensor]:
-        """Training pairs (see the module docstring) as stacked tensors: ``h``, ``r_c``, ``r_t`` ``(N, T, D)``,
+        """Training pairs (see the module docstring) as stacked tensors: ``h``, ``r_c``, ``h_c``, ``r_t`` ``(N, T, D)``,
         ``sigma_t``, ``sigma_c`` ``(N,)``, ``gap`` ``(N,)``."""
         if min_gap < 1 or max_gap < min_gap:
             raise ValueError(f"need 1 <= min_gap <= max_gap, got min_gap={min_gap}, max_gap={max_gap}")
-        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "r_c", "r_t", "sigma_t", "sigma_c", "gap")}
+        out: dict[str, list[Tensor]] = {k: [] for k in ("h", "r_c", "h_c", "r_t", "sigma_t", "sigma_c", "gap")}
         for t in range(len(self)):
             for c in range(max(0, t - max_gap), t - min_gap + 1):
                 if self.run[c] != self.run[t] or self.h[c].shape != self.h[t].shape:
@@ -59,6 +59,7 @@ class Trajectories:
                 n = self.h[t].shape[0]
                 out["h"].append(self.h[t])
                 out["r_c"].append(self.r[c])
+                out["h_c"].append(self.h[c])
                 out["r_t"].append(self.r[t])
                 out["sigma_t"].append(self.sigma[t])
                 out["sigma_c"].append(self.sigma[c])
