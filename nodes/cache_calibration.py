@@ -153,7 +153,11 @@ def calibrate_model(model: Any, positive: Any, negative: Any, latent_image: dict
                        "steps": n_steps, "runs": int(runs), "cfg": float(cfg), "rows": int(latent.shape[0]),
                        "head_blocks": int(head_blocks), "num_blocks": len(layout) if layout else 0, "degree": 4})
     out_dir = Path(directory) if directory is not None else calibration_dirs()[0]
-    path = save_calibration(cal, out_dir)
+    try:
+        path = save_calibration(cal, out_dir)  # refuses NaN / non-positive fits instead of writing them
+    except CalibrationError as e:
+        raise ValueError(f"{node}: the fitted calibration is unusable ({e}); calibrate with more steps or runs, or "
+                         "another sampler / scheduler") from e
     read_calibration(path).check(name, config_hash)
     summary = {"path": str(path), "model": name, "config_hash": config_hash, "level": hooks.level,
                "polys": sorted(cal.polys), "mag_curves": sorted(cal.mag), "calls": sum(hooks.calls.values()),
