@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -72,6 +74,7 @@ class Family:
     knobs: tuple
     uncond_first: bool = False
     note: str = ""
+    estimate: Callable[[Any, int], float] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -196,6 +199,17 @@ def _cache_dit(taylor: bool) -> Callable[[Denoiser, Any], contextlib.AbstractCon
     return attach
 
 
+def _est_interval(kp: tuple[int, float], steps: int) -> float:
+    k, p = kp
+    warm = math.ceil(p * steps)
+    return warm + math.ceil((steps - warm) / k)
+
+
+def _est_taylorseer(kw: tuple[int, int], steps: int) -> float:
+    k, w = kw
+    return w + math.ceil((steps - w) / k)
+
+
 def families(mag_ratios: list[float] | None) -> list[Family]:
     from diffusers.hooks import (
         FasterCacheConfig,
@@ -206,21 +220,15 @@ def families(mag_ratios: list[float] | None) -> list[Family]:
     )
 
     fs = [
-        Family("fewstep StepCache easycache", "fewstep",
-               _fewstep(lambda t: StepCache(t, indicator="easycache")), ("threshold", 0.01, 3.0)),
         Family("fewstep StepCache teacache + taylor1", "fewstep",
                _fewstep(lambda t: StepCache(t, indicator="teacache", forecast="taylor1")), ("threshold", 0.01, 5.0)),
         Family("fewstep StepCache interval + taylor2", "fewstep",
                _fewstep(lambda kp: StepCache(1.0, indicator="interval", max_consecutive_skips=kp[0] - 1,
                                              forecast="taylor2", start_percent=kp[1])),
-               ("choices", _interval_schedules())),
+               ("choices", _interval_schedules()), estimate=_est_interval),
         Family("fewstep FirstBlockCache", "fewstep", _fewstep(lambda t: FirstBlockCache(t)), ("threshold", 0.005, 3.0)),
         Family("fewstep FirstBlockCache + taylor1 (block-level forecast)", "fewstep",
                _fewstep(lambda t: FirstBlockCache(t, forecast="taylor1")), ("threshold", 0.005, 3.0)),
-        Family("fewstep FirstBlockCache interval + taylor2 (block-level forecast)", "fewstep",
-               _fewstep(lambda kp: FirstBlockCache(1.0, indicator="interval", max_consecutive_skips=kp[0] - 1,
-                                                   forecast="taylor2", start_percent=kp[1])),
-               ("choices", _interval_schedules())),
         Family("diffusers FirstBlockCache", "diffusers",
                _diffusers(lambda t, ts: FirstBlockCacheConfig(threshold=float(t))), ("threshold", 0.005, 3.0)),
         Family("diffusers TaylorSeer (blocks skip, proj_out_2 forecast, order 1)", "diffusers",
@@ -228,14 +236,14 @@ def families(mag_ratios: list[float] | None) -> list[Family]:
                    cache_interval=kp[0], disable_cache_before_step=kp[1], max_order=1,
                    taylor_factors_dtype=torch.float32, skip_predict_identifiers=[r"transformer_blocks\.\d+"],
                    cache_identifiers=["proj_out_2"])),
-               ("choices", [(k, w) for k in range(2, 9) for w in range(1, 26)]),
+               ("choices", [(k, w) for k in range(2, 9) for w in range(1, 26)]), estimate=_est_taylorseer,
                note="cache_interval, disable_cache_before_step chosen per target; factors in float32 (default bf16)"),
         Family("diffusers TaylorSeer (order 2)", "diffusers",
                _diffusers(lambda kp, ts: TaylorSeerCacheConfig(
                    cache_interval=kp[0], disable_cache_before_step=kp[1], max_order=2,
                    taylor_factors_dtype=torch.float32, skip_predict_identifiers=[r"transformer_blocks\.\d+"],
                    cache_identifiers=["proj_out_2"])),
-               ("choices", [(k, w) for k in range(2, 9) for w in range(1, 26)])),
+               ("choices", [(k, w) for k in range(2, 9) for w in range(1, 26)]), estimate=_est_taylorseer),
         Family("diffusers PyramidAttentionBroadcast", "diffusers",
                _diffusers(lambda k, ts: PyramidAttentionBroadcastConfig(
                    spatial_attention_block_skip_range=int(k), spatial_attention_timestep_skip_range=(-1, 1001),
@@ -320,11 +328,12 @@ def match_knob(teacher, counter, fam: Family, target: float, labels, noise, sigm
     kind = fam.knobs[0]
     if kind == "choices":
         best = None
-        seen: dict[Any, float] = {}
-        for k in fam.knobs[1]:
+        cands = list(fam.knobs[1])
+        if fam.estimate is not None:  # try the schedules whose expected count is nearest first
+            cands.sort(key=lambda k: abs(fam.estimate(k, len(sigmas) - 1) - target))
+        for k in cands[:12]:
             # fixed schedules: the count does not depend on the data, one sample is enough
             nfe = run_setting(teacher, counter, fam, k, labels[:1], noise[:1], sigmas, cfg)["nfe"]
-            seen[k] = nfe
             if best is None or abs(nfe - target) < abs(best[1] - target):
                 best = (k, nfe)
             if abs(nfe - target) < 0.5:
@@ -353,7 +362,8 @@ def match_knob(teacher, counter, fam: Family, target: float, labels, noise, sigm
 # ------------------------------------------------------------------------------------------------ benchmark
 def peers_benchmark(per_class: int = 6, search_per_class: int = 1, steps: int = 50, cfg: float = 2.0,
                     seed: int = 0, targets: tuple[int, ...] = TARGETS, only: list[str] | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print,
+                    checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
     from fewstep.core.metrics.quality import evaluate_samples
 
     teacher = load_teacher()
@@ -377,8 +387,6 @@ def peers_benchmark(per_class: int = 6, search_per_class: int = 1, steps: int = 
     base_m = {k: float(v) for k, v in evaluate_samples(ref, labels).items()}
     log(f"uncached: {base0['wall_s']:.1f}s  NFE {base0['nfe']:.1f}  FD {base_m['fd']:.3f}  "
         f"acc {base_m['accuracy']:.3f}")
-    ufc = run_setting(teacher, counter, None, None, labels, noise, sigmas, cfg)  # determinism check
-    repeat_fid = fidelity(ufc["images"], ref)
     fams = families(mag)
     if only:
         fams = [f for f in fams if any(o.lower() in f.name.lower() for o in only)]
@@ -390,6 +398,13 @@ def peers_benchmark(per_class: int = 6, search_per_class: int = 1, steps: int = 
         for target in targets:
             try:
                 knob, s_nfe = match_knob(teacher, counter, fam, target, s_labels, s_noise, sigmas, cfg)
+                same = next((r for r in rows if r["family"] == fam.name and r["knob"] == knob), None)
+                if same is not None and fam.knobs[0] == "choices":  # the same schedule again: not rerun
+                    rows.append({**same, "label": f"{fam.name} @ {target}", "target_nfe": target,
+                                 "note": (same["note"] + "; " if same["note"] else "") +
+                                 f"target {target} not reachable: same setting as @ {same['target_nfe']}"})
+                    log(f"{fam.name} @ {target}: same setting as @ {same['target_nfe']} (NFE {same['nfe']:.1f})")
+                    continue
                 r = run_setting(teacher, counter, fam, knob, labels, noise, sigmas, cfg)
             except Exception as e:
                 why = f"{type(e).__name__}: {e}"
@@ -406,6 +421,9 @@ def peers_benchmark(per_class: int = 6, search_per_class: int = 1, steps: int = 
             rows.append(row)
             log(f"{row['label']:70s} NFE {row['nfe']:5.1f}  PSNR {row['psnr_db']:6.2f}  RMS {row['rms']:.4f}  "
                 f"FD {row['fd']:.3f}  acc {row['accuracy']:.3f}  {row['wall_s']:.1f}s")
+            if checkpoint is not None:  # partial results survive an interrupted run
+                checkpoint({"partial": True, "baseline_start": {**base_m, "wall_s": base0["wall_s"]}, "rows": rows,
+                            "not_run": skipped})
     base1 = run_setting(teacher, counter, None, None, labels, noise, sigmas, cfg)
     end_fid = fidelity(base1["images"], ref)
     bw = baseline_wall(base0["wall_s"], base1["wall_s"])
@@ -432,7 +450,7 @@ def peers_benchmark(per_class: int = 6, search_per_class: int = 1, steps: int = 
         "baseline": {**base_m, "fd_other_noise_seed": fd_other, "nfe": base0["nfe"],
                      "wall_s_start": base0["wall_s"], "wall_s_end": base1["wall_s"],
                      "cpu_s_start": base0["cpu_s"], "cpu_s_end": base1["cpu_s"],
-                     "repeat_psnr_db": repeat_fid["psnr_db"], "end_vs_start_psnr_db": end_fid["psnr_db"]},
+                     "end_vs_start_psnr_db": end_fid["psnr_db"]},
         "magcache_ratios": mag, "magcache_calibration_s": round(cal_s, 1),
         "rows": rows, "not_run": skipped, "best_per_target": best,
         "pareto_psnr": pareto_front(rows, "nfe", "psnr_db", True),
@@ -515,12 +533,21 @@ def main(argv: list[str] | None = None) -> dict:
         result["versions"]["cache_dit"] = getattr(cache_dit, "__version__", "?")
     except ImportError:
         pass
+    result["command"] = "python -m fewstep.benchmarks.caching_peers " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+
+    def checkpoint(partial: dict) -> None:
+        write_json({**result, "peers_partial": partial}, "caching_peers.partial.json", a.out)
+
     result["peers"] = peers_benchmark(1 if a.quick else a.per_class, a.search_per_class, targets=targets,
-                                      only=a.only.split(",") if a.only else None)
+                                      only=a.only.split(",") if a.only else None, checkpoint=checkpoint)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_json(result, "caching_peers.json", a.out)
     plot(result, path.with_name("caching_peers_pareto.png"))
     print(markdown(result))
+    partial = path.with_name("caching_peers.partial.json")
+    if partial.exists():
+        partial.unlink()
     print(f"\nwrote {path} and {path.with_name('caching_peers_pareto.png')} in {result['seconds']:.0f}s")
     return result
 
