@@ -13,9 +13,9 @@ schedule whose count is nearest -- then the scored run reports the NFE it really
 
 Peers (each runs through its own library's entry point on the same ``nn.Module``):
 
-- fewstep: ``StepCache`` (EasyCache / TeaCache indicators, TaylorSeer forecast on a fixed interval),
-  ``FirstBlockCache`` (First-Block-Cache indicator, with and without block-level TaylorSeer forecasting of the
-  block range's residual; the same on a fixed interval).
+- fewstep: ``StepCache`` (TeaCache indicator + TaylorSeer order 1; fixed interval after a warm-up + TaylorSeer
+  order 2), ``FirstBlockCache`` (First-Block-Cache indicator, with and without block-level TaylorSeer forecasting of
+  the block range's residual). ``benchmarks/caching.py`` sweeps the other fewstep settings.
 - diffusers (>= 0.36): ``FirstBlockCacheConfig``, ``MagCacheConfig`` (ratios calibrated on this model with its
   ``calibrate=True`` mode), ``TaylorSeerCacheConfig`` (blocks ``transformer_blocks.\\d+`` as skip-predict,
   ``proj_out_2``
