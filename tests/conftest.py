@@ -8,8 +8,10 @@ by name in any import mode.
 CPU); use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 
 ComfyUI fixtures (see tests/comfyui_env.py): ``comfy_root`` installs (once, cached in
-``<repo>/.comfyui``) or reuses (``$FEWSTEP_COMFYUI_ROOT``) a real ComfyUI 0.3.75 tree and imports its
-sampling stack; ``comfy_ksampling`` is ComfyUI's ``comfy.k_diffusion.sampling`` module; ``comfy_server`` is one
+``<repo>/.comfyui``) or reuses (``$FEWSTEP_COMFYUI_ROOT``) a real ComfyUI tree of the version selected by
+``FEWSTEP_COMFYUI_VERSION`` (``0.3.75``, the default, or ``0.33.0``) and imports its sampling stack;
+``comfy_conventions`` is that version's entry of ``tests/comfy_versions.py`` (the one place that knows how the
+versions differ); ``comfy_ksampling`` is ComfyUI's ``comfy.k_diffusion.sampling`` module; ``comfy_server`` is one
 real ComfyUI server (``main.py --cpu``) with fewstep in its custom nodes, shared by every server test file and
 yielding ``(url, workdir)``. Any test that
 uses them is marked ``comfy`` automatically, so ``-m "not comfy"`` deselects them.
@@ -30,7 +32,7 @@ if str(TESTS_DIR) not in sys.path:
 
 import comfyui_env  # noqa: E402
 
-COMFY_FIXTURES = {"comfy_root", "comfy_ksampling", "comfy_server"}
+COMFY_FIXTURES = {"comfy_root", "comfy_ksampling", "comfy_server", "comfy_conventions"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +50,14 @@ def comfy_root() -> Path:
     except comfyui_env.ComfyUIEnvError as e:
         pytest.fail(f"ComfyUI fixture unavailable: {e}\n(deselect these tests with -m 'not comfy')", pytrace=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def comfy_conventions(comfy_root):
+    """``comfy_versions.Conventions`` of the ComfyUI under test (what differs between supported versions)."""
+    import comfy_versions
+
+    return comfy_versions.host()
 
 
 @pytest.fixture(scope="session")

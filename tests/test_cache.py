@@ -435,8 +435,195 @@ def test_euler_and_heun_style_samplers_run():
     model, den, shape, cond = _case("dit")
     from fewstep.core.sampling import sample_heun
 
+    ref = {}
     for sampler in (sample_euler, sample_heun):
+        ref[sampler] = _sample(model, den, shape, cond, sampler=sampler)
         cache = FirstBlockCache(0.2)
         with apply_cache(model, cache):
             out = _sample(model, den, shape, cond, sampler=sampler)
-        assert torch.isfinite(out).all() and cache.stats["calls"] >= STEPS
+        st = cache.stats
+        calls = STEPS if sampler is sample_euler else 2 * STEPS - 1  # heun: 2 calls per step but the last
+        assert torch.isfinite(out).all() and st["calls"] == calls == st["computed"] + st["skipped"]
+        assert st["skipped"] > 0 and st["blocks_skipped"] > 0, f"{sampler.__name__}: the cache never skipped: {st}"
+        assert not torch.equal(out, ref[sampler])  # a skip changes the sample (the residual is reused, not exact)
+        assert (out - ref[sampler]).abs().max() < 0.5 * ref[sampler].abs().max()  # ... but stays close to it
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+class _ToyBlocks(torch.nn.Module):
+    """A block stack driven by hand, as a host would: each block adds ``tanh(W h)``."""
+
+    def __init__(self, n=4, dim=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(n))
+        self.runs = 0
+
+    def run(self, h, sigma, runner=None, key=None):
+        if runner is not None:
+            runner.begin(sigma, key)
+        state = (h,)
+        for i, block in enumerate(self.blocks):
+            if runner is not None:
+                skipped = runner.before(i, state, state[0])
+                if skipped is not None:
+                    state = skipped
+                    continue
+            self.runs += 1
+            state = (state[0] + torch.tanh(block(state[0])),)
+            if runner is not None:
+                runner.ran(i, state if runner.wants_output(i) else None)
+        if runner is not None:
+            runner.end()
+        return state[0]
+
+
+@torch.no_grad()
+def test_block_range_runner_is_host_independent():
+    """The runner on a hand-driven block stack: threshold 0 is exact; a skip runs only the head block and returns
+    the range input plus the residual of the last full compute of that range, per branch key."""
+    from fewstep.core.cache import BlockRangeRunner
+
+    toy = _ToyBlocks()
+    xs = [torch.randn(2, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    walk = [(x0 * (1 + 0.001 * k), 10.0 - k) for k in range(5) for x0 in xs[:1]]
+    ref = [toy.run(x, s) for x, s in walk]
+    exact = BlockRangeRunner(FirstBlockCache(0.0), 4)
+    assert all(torch.equal(toy.run(x, s, exact), r) for (x, s), r in zip(walk, ref))
+    assert exact.cache.stats["blocks_skipped"] == 0 and exact.cache.stats["blocks_run"] == 20
+    cache = FirstBlockCache(0.5, trace=True)
+    runner = BlockRangeRunner(cache, 4)
+    toy.runs = 0
+    outs = [toy.run(x, s, runner) for x, s in walk]
+    assert "".join("C" if t["compute"] else "." for t in cache.trace) == "C...."
+    assert toy.runs == 4 + 4 * 1 == cache.stats["blocks_run"] and cache.stats["blocks_skipped"] == 12
+    assert torch.equal(outs[0], ref[0])
+    # a skipped call: h1 (after the head block, computed now) + (h4 - h1) of the first call
+    h1_first = walk[0][0] + torch.tanh(toy.blocks[0](walk[0][0]))
+    h1 = walk[3][0] + torch.tanh(toy.blocks[0](walk[3][0]))
+    assert torch.allclose(outs[3], h1 + (ref[0] - h1_first))
+    # another branch key has its own state: its first call computes
+    other = toy.run(xs[1], 5.0, runner, key="uncond")
+    assert cache.trace[-1]["compute"] and torch.equal(other, toy.run(xs[1], 5.0))
+    with pytest.raises(CacheConfigError, match="head_blocks=4 leaves nothing to cache"):
+        BlockRangeRunner(FirstBlockCache(0.1, head_blocks=4), 4)
+
+
+# ------------------------------------------------------------------------------------------------ CFG-branch reuse
+def _count_rows(den):
+    rows = {"n": 0}
+    return rows, den.register_forward_pre_hook(lambda _m, a: rows.__setitem__("n", rows["n"] + a[0].shape[0]))
+
+
+@pytest.mark.parametrize("name", ["teacher", "dit"])
+def test_cfg_branch_reuse_exact_at_threshold_zero_and_skips_uncond(name):
+    from fewstep.core.cache import CFGBranchCache
+
+    model, den, shape, cond = _case(name)
+    ref = _sample(model, den, shape, cond, steps=8)
+    for cache in (CFGBranchCache(0.0), CFGBranchCache(0.0, indicator="easycache", forecast="taylor1")):
+        with apply_cache(model, cache):
+            assert torch.equal(_sample(model, den, shape, cond, steps=8), ref), f"{cache!r} at threshold 0"
+        assert cache.stats["skipped"] == 0 and cache.stats["computed"] == 8
+    rows, hook = _count_rows(den)
+    try:
+        cache = CFGBranchCache(50.0, max_consecutive_skips=1)
+        with apply_cache(model, cache):
+            out = _sample(model, den, shape, cond, steps=8)
+    finally:
+        hook.remove()
+    b = shape[0]
+    assert cache.stats["skipped"] == 4 and cache.stats["computed"] == 4  # C.C.C.C.
+    assert rows["n"] == 4 * 2 * b + 4 * b  # computed steps: cond + uncond rows; skipped: cond rows only
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    if name == "teacher":  # a trained model: the reused branch difference keeps the sample close (random init: no)
+        assert (out - ref).abs().mean() < 0.25 * ref.abs().mean()
+
+
+def test_cfg_branch_reuse_state_per_branch_and_per_run():
+    from fewstep.core.cache import CFGBranchCache
+
+    model, den, shape, cond = _case("teacher")
+    cache = CFGBranchCache(0.5, max_consecutive_skips=2)
+    a = {"class_labels": torch.tensor([0, 1, 2])}
+    b = {"class_labels": torch.tensor([7, 8, 9])}
+    with apply_cache(model, cache):
+        _sample(model, den, shape, a, seed=1, steps=8)
+        out_b = _sample(model, den, shape, b, seed=2, steps=8)
+        assert cache.stats["runs"] == 2 and cache.stats["skipped"] > 0
+    fresh = CFGBranchCache(0.5, max_consecutive_skips=2)
+    with apply_cache(model, fresh):
+        assert torch.equal(_sample(model, den, shape, b, seed=2, steps=8), out_b)  # nothing carried over runs
+    # per branch key: two guidance sites interleaved at the same sigmas == each alone
+    x = torch.ones(2, 3)
+    both, alone = CFGBranchCache(0.5), CFGBranchCache(0.5)
+    for sigma, k in ((10.0, 1.0), (9.0, 1.001), (8.0, 1.002)):
+        for key, scale in (("site-a", 1.0), ("site-b", 5.0)):
+            cond_out, uncond_out = x * k * scale, x * (k + 1) * scale
+            got = both(lambda u=uncond_out: u, cond_out, sigma, key, signal=x * k)
+            if key == "site-a":
+                assert torch.equal(got, alone(lambda u=uncond_out: u, cond_out, sigma, key, signal=x * k))
+    assert both.stats["skipped"] == 4 and both.stats["computed"] == 2  # each key computes its own first call
+    with pytest.raises(CacheConfigError, match="apply it to a CFGDenoiser"):
+        apply_cache(den, CFGBranchCache(0.1))
+    with pytest.raises(CacheConfigError, match="unknown indicator 'magcache'"):
+        CFGBranchCache(0.1, indicator="magcache")
+
+
+# ------------------------------------------------------------------------------------------------ declared layouts
+def _wan():
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=3, rope_max_seq_len=32).eval()
+    ctx = torch.randn(1, 5, 16)
+    return net, (1, 4, 2, 8, 8), lambda x, t: net(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                                                  return_dict=False)[0], list(net.blocks)
+
+
+def _qwen():
+    torch.manual_seed(0)
+    net = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                axes_dims_rope=(2, 2, 4)).eval()
+    ctx, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long)
+    def call(x, t):
+        return net(hidden_states=x, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t / 1000,
+                   img_shapes=[(1, 4, 4)], return_dict=False)[0]
+
+    return net, (1, 16, 16), call, list(net.transformer_blocks)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("build", [_wan, _qwen], ids=["wan", "qwen_image"])
+def test_declared_layouts_of_video_and_qwen_transformers(build):
+    """Block caches on diffusers' Wan and Qwen-Image transformers through their declared layouts (Wan: a tensor
+    per block, the text as context; Qwen-Image: (encoder, hidden) streams): exact at threshold 0, real skips above."""
+    from fewstep.core.models import FlowMatching
+
+    net, shape, call, blocks = build()
+    ms = FlowMatching(multiplier=1000.0)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    walk = [(noise * s, torch.tensor([1000.0 * s])) for s in (0.9, 0.8, 0.7, 0.6, 0.5)]
+    ref = [call(x, t) for x, t in walk]
+    runs = {"n": 0}
+    inner = [getattr(b, "attn1", None) or b.attn for b in blocks]  # runs only when the block really computes
+    hooks = [m.register_forward_pre_hook(lambda *a: runs.__setitem__("n", runs["n"] + 1)) for m in inner]
+    try:
+        for threshold in (0.0, 50.0):
+            runs["n"] = 0
+            cache = FirstBlockCache(threshold, max_consecutive_skips=1)
+            with apply_cache(net, cache, model_sampling=ms):
+                outs = [call(x, t) for x, t in walk]
+            st = cache.stats
+            assert runs["n"] == st["blocks_run"] == 5 * len(blocks) - st["blocks_skipped"]
+            if threshold == 0:
+                assert all(torch.equal(o, r) for o, r in zip(outs, ref)) and st["blocks_skipped"] == 0
+            else:
+                assert st["skipped"] == 2 and st["blocks_skipped"] == 2 * (len(blocks) - 1)  # C.C.C
+                assert all(torch.isfinite(o).all() for o in outs) and not torch.equal(outs[1], ref[1])
+                assert torch.equal(outs[2], ref[2])  # a computed call after a skip is the model's own output
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all("forward" not in vars(b) for b in blocks)

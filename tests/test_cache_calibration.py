@@ -193,3 +193,41 @@ def test_recorder_and_fit_for_other_hosts_keep_branches_and_runs_apart():
     curve = cal.mag_curve("step")
     assert curve(3.0) == pytest.approx(torch.tensor(3.0).log().item(), abs=1e-5)
     assert cal.model == "host-model" and cal.config_hash == "abc123" and "modulated" not in cal.polys
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["polys"]["input"].__setitem__(0, float("nan")), r"polys\.input\[0\] = nan is invalid \(allowed: "
+                                                                  r"finite numbers\)"),
+    (lambda d: d["poly_range"]["input"].__setitem__(0, -0.1), r"poly_range\.input\[0\] = -0\.1 is invalid \(allowed: "
+                                                               r"finite relative changes >= 0\)"),
+    (lambda d: d["polys"].__setitem__("input", [-1.0]), r"polys\.input \(max on poly_range\) = -1\.0 is invalid "
+                                                        r"\(allowed: a positive rescaled change"),
+    (lambda d: d["mag"]["step"]["log_norm"].__setitem__(2, float("-inf")), r"mag\.step\.log_norm\[2\] = -inf"),
+    (lambda d: d["mag"]["step"]["log_sigma"].reverse(), r"mag\.step\.log_sigma is not ascending"),
+    (lambda d: d["mag"]["step"]["log_norm"].pop(), r"mag\.step\.log_norm must be 8 numbers, got list of length 7"),
+    (lambda d: d["polys"]["input"].__setitem__(0, "1e3"), r"polys\.input\[0\] = str is invalid"),
+])
+def test_nan_negative_or_malformed_values_are_refused(dit_cal, tmp_path, edit, message):
+    """NaN or negative calibration values used to switch a cache off or make it skip almost every step, silently."""
+    _, cal = dit_cal
+    path = save_calibration(cal, tmp_path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match=rf"calibration {path}: {message}.*; recalibrate the model") as e:
+        read_calibration(path)
+    assert "allowed" in str(e.value) or "must be" in str(e.value)
+    with pytest.raises(CalibrationError, match=message):  # and never written in the first place
+        save_calibration(Calibration(**{k: v for k, v in data.items() if k not in ("format", "version")}), tmp_path)
+
+
+def test_weights_fingerprint_tells_checkpoints_apart():
+    from fewstep.core.cache import weights_fingerprint
+
+    a, b = _dit(3), _dit(3, seed=1)
+    fa = weights_fingerprint(a.named_parameters())
+    assert fa == weights_fingerprint(_dit(3).named_parameters()) != weights_fingerprint(b.named_parameters())
+    with torch.no_grad():
+        next(a.parameters()).view(-1)[0] += 1e-3  # a sampled value changed
+    assert weights_fingerprint(a.named_parameters()) != fa
+    assert len(fa) == 16 and model_fingerprint(a) == model_fingerprint(b)  # the config hash ignores weights

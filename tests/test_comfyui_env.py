@@ -1,4 +1,5 @@
-"""The ComfyUI fixture works: a real ComfyUI 0.3.75 tree, importable, its samplers runnable on CPU."""
+"""The ComfyUI fixture works: a real ComfyUI tree of the selected version (``$FEWSTEP_COMFYUI_VERSION``, see
+``tests/comfy_versions.py``), importable, its samplers runnable on CPU."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import comfy_versions
 import comfyui_env  # noqa: E402
 import pytest
 import torch
@@ -38,26 +40,83 @@ def test_missing_requirements_uses_installed_metadata():
     assert comfyui_env.missing_requirements(["surely-not-installed-fewstep-xyz"]) != []
 
 
-@pytest.mark.skipif(not comfyui_env.needs_torchvision_stub(), reason="a real torchvision is installed")
+@pytest.mark.skipif("torchvision" not in comfyui_env.stubbed_packages(), reason="a real torchvision is installed")
 def test_torchvision_stub_leaves_no_trace():
+    # Names are importable (0.33 does `from torchvision.ops import deform_conv2d` at import time) but unusable:
+    # calling one raises, reading an attribute of one raises AttributeError, both naming the stub.
     with comfyui_env.torchvision_stub_on_path() as used:
         assert used
         import torchvision.transforms as transforms
+        from torchvision.ops import deform_conv2d
+        from torchvision.transforms.functional import InterpolationMode
 
+        with pytest.raises(RuntimeError, match="torchvision.transforms.Compose is unavailable.*fewstep's test stub"):
+            transforms.Compose([])
+        with pytest.raises(RuntimeError, match="fewstep's test stub"):
+            deform_conv2d(torch.zeros(1))
         with pytest.raises(AttributeError, match="fewstep's test stub"):
-            transforms.Compose  # noqa: B018
+            InterpolationMode.BILINEAR  # noqa: B018
     assert importlib.util.find_spec("torchvision") is None
     assert not any(name.split(".")[0] == "torchvision" for name in sys.modules)
+
+
+@pytest.mark.skipif("torchaudio" not in comfyui_env.stubbed_packages(), reason="a real torchaudio is installed")
+def test_torchaudio_stub_leaves_no_trace():
+    with comfyui_env.torchvision_stub_on_path():
+        import torchaudio
+        import torchaudio.functional as AF
+
+        with pytest.raises(RuntimeError, match="torchaudio.load is unavailable"):
+            torchaudio.load("x.wav")
+        with pytest.raises(RuntimeError, match="fewstep's test stub"):
+            AF.resample(torch.zeros(4), 1, 2)
+    assert importlib.util.find_spec("torchaudio") is None
+    assert not any(name.split(".")[0] == "torchaudio" for name in sys.modules)
+
+
+def test_version_setting(monkeypatch):
+    monkeypatch.delenv(comfy_versions.ENV_VERSION, raising=False)
+    assert comfy_versions.selected() == "0.3.75"
+    monkeypatch.setenv(comfy_versions.ENV_VERSION, "0.33.0")
+    assert comfy_versions.selected() == "0.33.0"
+    monkeypatch.setenv(comfy_versions.ENV_VERSION, "0.4")
+    with pytest.raises(ValueError, match=r"FEWSTEP_COMFYUI_VERSION='0.4' is not a supported.*0.3.75, 0.33.0"):
+        comfy_versions.selected()
+
+
+def test_version_conventions_follow_the_release_notes():
+    old, new = comfy_versions.for_version("0.3.75"), comfy_versions.for_version("0.33.0")
+    assert (old.ancestral_seed(42), new.ancestral_seed(42)) == (42, 43)  # seed + 1 on CPU since 0.6.0
+    assert comfy_versions.for_version("0.5.1").cpu_noise_seed_offset == 0
+    assert comfy_versions.for_version("0.6.0").cpu_noise_seed_offset == 1
+    assert not old.validates_v3_combos_at_prompt and new.validates_v3_combos_at_prompt  # 0.7.0
+    assert not old.samplers_read_model_patcher and new.samplers_read_model_patcher  # 0.21.0
+    assert not old.clone_shares_option_objects and new.clone_shares_option_objects  # 0.13.0
+    assert "txt_ids_dims" in new.unet_config_extra["flux"] and "flux" not in old.unet_config_extra
+    with pytest.raises(ValueError, match="older than the oldest supported"):
+        comfy_versions.for_version("0.3.60")
+
+
+def test_archive_is_checked_against_its_sha256(tmp_path, monkeypatch):
+    monkeypatch.setenv(comfyui_env.ENV_ARCHIVES, str(tmp_path))
+    with pytest.raises(comfyui_env.ComfyUIEnvError, match="archive not found.*FEWSTEP_COMFYUI_ARCHIVES"):
+        comfyui_env.find_archive("0.33.0")
+    (tmp_path / "comfyui-0.33.0.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(comfyui_env.ComfyUIEnvError, match="has sha256 .* expected 793c8a86"):
+        comfyui_env.find_archive("0.33.0")
 
 
 # ----------------------------------------------------------------------------- the tree itself
 
 
 @pytest.mark.comfy
-def test_tree_is_comfyui_0_3_75(comfy_root):
-    assert (comfy_root / "comfyui_version.py").read_text().count('"0.3.75"') == 1
+def test_tree_is_the_selected_version(comfy_root):
+    import comfyui_version
+
+    assert comfy_versions.tree_version(comfy_root) == comfyui_version.__version__
     assert not (comfy_root / "extra_model_paths.yaml").exists()
     if not os.environ.get(comfyui_env.ENV_ROOT):
+        assert comfyui_version.__version__ == comfy_versions.selected()
         assert (comfy_root / comfyui_env.MARKER_NAME).is_file()
         t0 = time.monotonic()
         assert comfyui_env.ensure_comfyui() == comfy_root
@@ -122,10 +181,11 @@ def test_sample_euler_follows_the_probability_flow_ode(comfy_ksampling):
 
 @pytest.mark.comfy
 def test_sample_lcm_reaches_model_sampling_through_inner_models(comfy_root, comfy_ksampling):
-    """sample_lcm re-noises with model.inner_model.inner_model.model_sampling.noise_scaling.
+    """sample_lcm re-noises with the model sampling's noise_scaling.
 
     In ComfyUI ``model`` is a KSamplerX0Inpaint, ``.inner_model`` the CFGGuider and its
-    ``.inner_model`` the BaseModel, whose ``model_sampling`` is e.g. ModelSamplingDiscrete + EPS.
+    ``.inner_model`` the BaseModel, whose ``model_sampling`` is e.g. ModelSamplingDiscrete + EPS; since 0.21.0
+    sample_lcm reads it as ``model.inner_model.model_patcher.get_model_object("model_sampling")``.
     """
     import comfy.model_sampling as ms
 
@@ -135,8 +195,11 @@ def test_sample_lcm_reaches_model_sampling_through_inner_models(comfy_root, comf
     c = torch.full((1, 4, 2, 2), 0.25)
     calls = []
 
+    sampling = ModelSampling()
+    patcher = SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
+
     class Denoiser:
-        inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=ModelSampling()))
+        inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling), model_patcher=patcher)
 
         def __call__(self, x, sigma, **kwargs):
             calls.append(float(sigma[0]))
@@ -154,6 +217,18 @@ def test_sample_lcm_reaches_model_sampling_through_inner_models(comfy_root, comf
         Denoiser(), torch.zeros_like(c), sigmas[:-1], noise_sampler=lambda s, s_next: noise, disable=True
     )
     torch.testing.assert_close(out, c + 1.0 * noise)
+
+
+@pytest.mark.comfy
+def test_host_noise_sampler_seed_convention(comfy_ksampling):
+    """The host's ancestral noise on the CPU is torch.randn seeded with ``seed + offset`` (comfy_versions)."""
+    offset = comfy_versions.host().cpu_noise_seed_offset
+    x = torch.zeros(2, 3, 4, 4)
+    ns = comfy_ksampling.default_noise_sampler(x, seed=7)
+    g = torch.Generator().manual_seed(7 + offset)
+    first, second = ns(1.0, 0.5), ns(0.5, 0.1)
+    torch.testing.assert_close(first, torch.randn(x.shape, generator=g), rtol=0, atol=0)
+    torch.testing.assert_close(second, torch.randn(x.shape, generator=g), rtol=0, atol=0)
 
 
 @pytest.mark.comfy

@@ -1,4 +1,4 @@
-"""fewstep's ComfyUI nodes, in-process with the real ComfyUI 0.3.75 (tests/comfyui_env.py).
+"""fewstep's ComfyUI nodes, in-process with a real ComfyUI (0.3.75 or 0.33.0: tests/comfyui_env.py).
 
 Every node's ``execute`` is called as ComfyUI calls it, and its output is used through ComfyUI's own nodes
 (CFGGuider, RandomNoise, SamplerCustomAdvanced). Sampling through ComfyUI must give what the core sampler gives on
@@ -253,7 +253,12 @@ SAMPLER_NODES = {
 
 @pytest.mark.parametrize("name", list(SAMPLER_NODES))
 def test_sampling_through_comfyui_equals_the_core_sampler(cn, digits, name):
-    """SamplerCustomAdvanced + a fewstep sampler node == the core sampler on the core denoiser with CFG."""
+    """SamplerCustomAdvanced + a fewstep sampler node == the core sampler on the core denoiser with CFG.
+
+    Samplers that draw fresh noise draw it with the host's noise sampler inside ComfyUI (seeded per the host's
+    convention: ``seed`` on 0.3.75, ``seed + 1`` on the CPU since 0.6.0), so the reference gets the same one."""
+    import comfy.k_diffusion.sampling as kds
+
     from fewstep.core.guidance import CFGDenoiser
     from fewstep.core.models import DiscreteVP
     from fewstep.core.models.embedded import dit_denoiser
@@ -272,8 +277,10 @@ def test_sampling_through_comfyui_equals_the_core_sampler(cn, digits, name):
     noise = torch.randn(batch, 1, 16, 16, generator=torch.manual_seed(seed))  # ComfyUI's RandomNoise
     x = noise * (1 + sigmas[0] ** 2) ** 0.5  # ComfyUI starts at sigma_max with VP's max-denoise scaling
     extra = {"class_labels": torch.full((batch,), 3), "seed": seed}
-    ref = get_sampler(name)(core, x, sigmas, extra_args=extra, disable=True, **(dict(gamma=0.3) if name == "tcd"
-                                                                               else {}))
+    opts = dict(gamma=0.3) if name == "tcd" else {}
+    if name in ("lcm", "tcd", "dmd", "euler_ancestral"):
+        opts["noise_sampler"] = kds.default_noise_sampler(x, seed=seed)
+    ref = get_sampler(name)(core, x, sigmas, extra_args=extra, disable=True, **opts)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -1,23 +1,27 @@
 """Architecture coverage: every fewstep sampler / schedule node on tiny random-weight instances of ComfyUI's own
-architectures (SD1.5 UNet, SDXL UNet, Flux, SD3 MMDiT, Wan 2.1), through ComfyUI's sampling path
-(CFGGuider -> SamplerCustomAdvanced), counting model evaluations with an APPLY_MODEL wrapper."""
+architectures (SD1.5 UNet, SDXL UNet, Flux, SD3 MMDiT, Wan 2.1; on ComfyUI 0.33.0 also the 2026 families Flux.2,
+Qwen-Image, Z-Image, Lumina 2, Chroma, HunyuanVideo 1.5, Wan 2.2 5B and the Wan 2.2 A14B expert pair), through
+ComfyUI's sampling path (CFGGuider -> SamplerCustomAdvanced), counting model evaluations with an APPLY_MODEL
+wrapper."""
 
 from __future__ import annotations
 
 import json
 
+import comfy_tiny_models as tiny_archs
+import comfy_versions
 import pytest
 import torch
 
 pytestmark = pytest.mark.comfy
 
-
-
-
-ARCHS = ("sd15", "sdxl", "flux", "sd3", "wan21")
+ARCHS = tiny_archs.CLASSIC + (tuple(tiny_archs.ARCHS_2026) if comfy_versions.collected().has_2026_families else ())
 #: model timesteps for a 3-step distilled schedule in each architecture's own timestep units
-TIMESTEPS = {"sd15": "999,666,333", "sdxl": "999,666,333", "flux": "1.0,0.66,0.33", "sd3": "1000,666,333",
-             "wan21": "1000,666,333"}
+UNIT = "1.0,0.66,0.33"  # flow models whose timestep is the sigma (multiplier 1)
+THOUSAND = "1000,666,333"  # flow models with timestep = 1000 sigma
+TIMESTEPS = {"sd15": "999,666,333", "sdxl": "999,666,333", "flux": UNIT, "sd3": THOUSAND, "wan21": THOUSAND,
+             "flux2": UNIT, "qwen_image": UNIT, "zimage": UNIT, "lumina2": UNIT, "chroma": UNIT,
+             "hunyuan15": THOUSAND, "wan22_5b": THOUSAND, "wan22_a14b": THOUSAND}
 SAMPLERS = {  # name -> (node id, args, model evaluations for 3 steps)
     "lcm": ("FewstepSamplerLCM", (), 3),
     "tcd": ("FewstepSamplerTCD", (0.3,), 3),

@@ -1,5 +1,6 @@
-"""The sparse-attention node (nodes/attention.py) in-process with the real ComfyUI 0.3.75: on tiny random-weight
-SD1.5 / SDXL / Flux / SD3 / Wan 2.1 models and the embedded digits DiT, sampled through CFGGuider ->
+"""The sparse-attention node (nodes/attention.py) in-process with a real ComfyUI (0.3.75 or 0.33.0): on tiny
+random-weight SD1.5 / SDXL / Flux / SD3 / Wan 2.1 models (on 0.33.0 also the 2026 families of test_nodes_arch.py)
+and the embedded digits DiT, sampled through CFGGuider ->
 SamplerCustomAdvanced. The override must be called, a full mask must reproduce the unpatched model, a sparse mask
 must equal dense masked attention on the very q/k/v the model produced, and chaining / bad inputs behave."""
 
@@ -7,13 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_nodes_arch import ARCHS as ARCH_MATRIX
+from test_nodes_arch import TIMESTEPS
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_thread")]
 
-ARCHS = ("sd15", "sdxl", "flux", "sd3", "wan21")
-TIMESTEPS = {"sd15": "999,666,333", "sdxl": "999,666,333", "flux": "1.0,0.66,0.33", "sd3": "1000,666,333",
-             "wan21": "1000,666,333"}
+ARCHS = ARCH_MATRIX  # classic architectures; on ComfyUI 0.33.0 also the 2026 families (test_nodes_arch.py)
 KEY = "optimized_attention_override"
+#: 2026 families whose text refiner runs self-attention over the text tokens alone (no token grid): top_k applies
+#: (those calls are sparse over the sequence), the sliding tile is refused with a message naming the model class
+TEXT_SELF_ATTENTION = {"lumina2": "NextDiT", "hunyuan15": "HunyuanVideo"}
 #: small blocks: the tiny models have 16 to 64 tokens per attention call
 SETTINGS = dict(mass=0.9, block_size=4, dense_first_percent=0.0, self_attention_only=True, backend="reference")
 
@@ -110,11 +114,19 @@ def test_override_is_called_on_each_architecture(env, arch, pattern):
     model = _model(env, arch)
     ref = _sample(env, arch, model)
     patched, override = _patch(env, model, pattern, 0.5)
+    if arch in TEXT_SELF_ATTENTION and pattern == "sliding_tile":
+        with pytest.raises(ValueError, match=rf"token grid of {TEXT_SELF_ATTENTION[arch]}'s attention over "
+                                             rf"{env.tiny.TOKENS} tokens .* Choose the pattern 'top_k'"):
+            _sample(env, arch, patched)
+        return
     out = _sample(env, arch, patched)
     assert torch.isfinite(out).all() and out.shape == ref.shape
     st = override.stats
     assert st["sparse"] > 0 and st["calls"] >= st["sparse"], st
-    assert st["no_grid"] == 0  # the token grid was found from the latent / feature map
+    if arch in TEXT_SELF_ATTENTION:  # only the text refiner's calls have no grid
+        assert 0 < st["no_grid"] < st["sparse"], st
+    else:
+        assert st["no_grid"] == 0  # the token grid was found from the latent / feature map
     assert 0.0 < override.mean_density < 1.0
     assert not torch.allclose(out, ref, atol=1e-6)  # sparse attention changed the result
     if arch in ("sd15", "sdxl", "wan21"):  # cross-attention to the text stays dense
@@ -129,6 +141,10 @@ def test_full_density_reproduces_the_unpatched_model(env, arch, pattern):
     model = _model(env, arch)
     ref = _sample(env, arch, model)
     patched, override = _patch(env, model, pattern, 1.0)
+    if arch in TEXT_SELF_ATTENTION and pattern == "sliding_tile":
+        with pytest.raises(ValueError, match=f"token grid of {TEXT_SELF_ATTENTION[arch]}'s attention"):
+            _sample(env, arch, patched)
+        return
     out = _sample(env, arch, patched)
     assert override.stats["sparse"] > 0 and override.mean_density == pytest.approx(1.0)
     # float32 rounding only (the tiny random models' samples reach magnitudes of ~100)

@@ -43,3 +43,21 @@ def test_bad_cache_settings_fail_their_prompt_and_the_server_keeps_serving(comfy
     assert len(srv._images(url, entry)) == 2
     log = (comfy_server[1] / "server.log").read_text(errors="replace")
     assert "fewstep step cache (easycache, threshold 0.2, forecast none): 24 model calls" in log
+
+
+def test_calibration_input_never_reads_outside_the_calibration_folders(comfy_server):
+    """The step cache's calibration input names a file in models/fewstep_cache_calibrations (or fewstep's own
+    calibration folders); a path elsewhere on the server fails the prompt without showing the file's contents."""
+    url, workdir = comfy_server
+    step = srv._graph("fewstep_digits_step_cache")
+    secret = workdir / "secret-cal.json"
+    secret.write_text(json.dumps({"format": "SERVER-SECRET-xyz", "model": "SERVER-SECRET-xyz"}))
+    for value in (str(secret), "../../secret-cal.json", "/etc/passwd"):
+        entry = srv._run(url, _with(step, "FewstepStepCache", method="teacache", calibration=value))
+        assert entry["status"]["status_str"] == "error"
+        msg = srv._error_message(entry)
+        assert msg.startswith("FewstepStepCache:"), msg
+        assert "SERVER-SECRET" not in json.dumps(entry) and "root:" not in json.dumps(entry)
+        assert "calibration folders" in msg or "must be 'auto' or the file name of a .json" in msg, msg
+    entry = srv._run(url, step)  # the server keeps serving
+    assert entry["status"]["status_str"] == "success", srv._error_message(entry)

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+import comfy_versions  # noqa: E402
 import workflow_tools as wt  # noqa: E402
 from comfy_client import error_message as _error  # noqa: E402
 from comfy_client import get as _get  # noqa: E402
@@ -100,9 +101,11 @@ def test_bad_onnx_files_fail_their_prompt_and_the_server_keeps_serving(comfy_ser
     plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
     (models / "plain.onnx").write_bytes(plain.SerializeToString())
     graph = _student_graph()
+    # a file that is not there: ComfyUI >= 0.7.0 rejects the combo value at POST /prompt, older ones run the loader
+    comfy_versions.assert_bad_combo_rejected(url, _by_name(graph, "missing.onnx"), "missing.onnx",
+                                             "ONNX file 'missing.onnx' not found")
     for name, message in (("corrupt.onnx", "not a valid ONNX model"),
-                          ("plain.onnx", "has no 'fewstep' metadata"),
-                          ("missing.onnx", "ONNX file 'missing.onnx' not found")):
+                          ("plain.onnx", "has no 'fewstep' metadata")):
         entry = _run(url, _by_name(graph, name))
         assert entry["status"]["status_str"] == "error", name
         err = _error(entry)

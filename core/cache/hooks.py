@@ -6,10 +6,11 @@
   -- the one place where the network sees ``(x_in, timestep, **cond)`` and returns its native output -- and takes
   sigma from a forward pre-hook on the denoiser; on a bare network it wraps the module's ``forward`` (sigma from
   its model sampling's ``sigma(timestep)``). Skipped steps never enter the network.
-- ``FirstBlockCache`` / ``DeltaDiTCache`` on a diffusers transformer wrap each block of its ``transformer_blocks``
-  (then ``single_transformer_blocks``) ``ModuleList``: the block at the start of the cached range decides, a skip
-  returns ``input + cached residual`` there and the rest of the range passes its input through; a forward pre-hook
-  on the transformer starts each call (sigma, block range) and a forward hook ends it.
+- ``FirstBlockCache`` / ``DeltaDiTCache`` on a diffusers transformer wrap each block of its declared block layout
+  (``core.cache.layouts``) and hand it to the block-range runner (``core.cache.runner``, the same one ComfyUI's
+  wrappers call): the block at the start of the cached range decides, a skip returns ``input + cached residual``
+  there and the rest of the range passes its input through; a forward pre-hook on the transformer starts each call
+  (sigma, block range) and a forward hook ends it.
 
 Wrapping a module's ``forward`` sets an instance attribute (diffusers' ``HookRegistry`` does the same); removing the
 handle restores the previous one and drops every cached tensor (``cache.reset()``). Handles must be removed in the
@@ -25,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibration import find_denoiser, model_fingerprint
-from .policy import BlockCache, CacheConfigError, ResidualCache, StepCache, sigma_value
-
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-#: dual-stream blocks that return ``(encoder_hidden_states, hidden_states)``
-ENCODER_FIRST = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock",
-                           "SD3SingleTransformerBlock", "ChromaTransformerBlock", "ChromaSingleTransformerBlock"})
+from .caches import BlockCache, CFGBranchCache, StepCache
+from .identity import find_denoiser, model_fingerprint
+from .layouts import BlockIO, BlockLayout, diffusers_layout, layout_blocks
+from .options import CacheConfigError
+from .runner import BlockRangeRunner
+from .state import ResidualCache
+from .tensors import sigma_value
 
 
 # ------------------------------------------------------------------------------------------------ patching
@@ -105,111 +106,6 @@ _APPLIED: dict[int, CacheHandle] = {}
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-def find_blocks(net: nn.Module, names: Sequence[str] | None = None, required: bool = True) -> list[nn.Module]:
-    """The transformer blocks of ``net`` in execution order: its ``transformer_blocks`` then
-    ``single_transformer_blocks`` ``ModuleList`` (or the given attribute names)."""
-    blocks: list[nn.Module] = []
-    for name in names or BLOCK_LISTS:
-        lst = getattr(net, name, None)
-        if isinstance(lst, nn.ModuleList):
-            blocks.extend(lst)
-        elif names is not None:
-            raise CacheConfigError(f"{type(net).__name__} has no ModuleList {name!r}")
-    if not blocks and required:
-        raise CacheConfigError(
-            f"{type(net).__name__} has no transformer_blocks ModuleList: block caches need a diffusers transformer "
-            "(DiT, PixArt, SD3, Flux, ...); use StepCache for UNets and other models, or pass blocks=[list names]")
-    return blocks
-
-
-def _param_index(block: nn.Module, name: str) -> int | None:
-    try:
-        params = list(inspect.signature(block.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index(name) if name in params else None
-
-
-def hidden_from_inputs(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    """The ``hidden_states`` a block was called with (keyword or first positional)."""
-    h = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(h, Tensor):
-        raise TypeError(f"cannot find hidden_states in the call of {type(block).__name__}")
-    return h
-
-
-def _output_layout(block: nn.Module, out: Any, hidden_in: Tensor, enc_in: Tensor | None) -> tuple:
-    """``("tensor",)`` or ``("tuple", n, hidden_index, encoder_index)`` for a block's return value."""
-    if isinstance(out, Tensor):
-        return ("tensor",)
-    if isinstance(out, (tuple, list)) and len(out) == 2:
-        if type(block).__name__ in ENCODER_FIRST:
-            return ("tuple", 2, 1, 0)
-        matches = [i for i, o in enumerate(out) if isinstance(o, Tensor) and o.shape == hidden_in.shape]
-        if len(matches) == 1:
-            return ("tuple", 2, matches[0], 1 - matches[0])
-    if isinstance(out, (tuple, list)) and len(out) == 1 and isinstance(out[0], Tensor):
-        return ("tuple", 1, 0, None)
-    raise TypeError(f"cannot tell which output of {type(block).__name__} is the hidden state (got "
-                    f"{type(out).__name__} of length {len(out) if isinstance(out, (tuple, list)) else '?'}); add the "
-                    "class to fewstep.core.cache.hooks.ENCODER_FIRST or use StepCache")
-
-
-def hidden_from_output(block: nn.Module, out: Any, hidden_in: Tensor) -> Tensor:
-    """The hidden state in a block's return value."""
-    layout = _output_layout(block, out, hidden_in, None)
-    return out if layout[0] == "tensor" else out[layout[2]]
-
-
-class _BlockIO:
-    """Reads a block's (hidden, encoder_hidden) state from its call and writes a state back in its output format."""
-
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
-        self.enc_pos = _param_index(block, "encoder_hidden_states")
-        self.layout: tuple | None = None
-
-    def state_in(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
-        h = hidden_from_inputs(self.block, args, kwargs)
-        enc = kwargs.get("encoder_hidden_states")
-        if enc is None and self.enc_pos is not None and len(args) > self.enc_pos:
-            enc = args[self.enc_pos]
-        return h, enc if isinstance(enc, Tensor) else None
-
-    def state_out(self, out: Any, state_in: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
-        if self.layout is None:
-            self.layout = _output_layout(self.block, out, state_in[0], state_in[1])
-        if self.layout[0] == "tensor":
-            return out, state_in[1]
-        _, _, hi, ei = self.layout
-        return out[hi], (out[ei] if ei is not None else state_in[1])
-
-    def make_output(self, state: tuple[Tensor, Tensor | None]) -> Any:
-        if self.layout is None:
-            raise RuntimeError(f"{type(self.block).__name__} was never run: cannot skip it yet")
-        if self.layout[0] == "tensor":
-            return state[0]
-        _, n, hi, ei = self.layout
-        out: list[Any] = [None] * n
-        out[hi] = state[0]
-        if ei is not None:
-            out[ei] = state[1]
-        return tuple(out)
-
-
-class _Call:
-    __slots__ = ("sigma", "range", "region", "compute", "head_in", "modulated", "range_in")
-
-    def __init__(self, sigma: float, rng: tuple[int, int], region: Hashable) -> None:
-        self.sigma = sigma
-        self.range = rng
-        self.region = region
-        self.compute = True
-        self.head_in: Tensor | None = None
-        self.modulated: Tensor | None = None
-        self.range_in: tuple | None = None
-
-
 def _timestep_from_call(args: tuple, kwargs: dict) -> Tensor:
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if t is None:
@@ -218,79 +114,51 @@ def _timestep_from_call(args: tuple, kwargs: dict) -> Tensor:
 
 
 def _apply_blocks(handle: CacheHandle, net: nn.Module, cache: BlockCache, ms: Any,
-                  block_names: Sequence[str] | None) -> None:
-    blocks = find_blocks(net, block_names)
-    n = len(blocks)
-    ios = [_BlockIO(b) for b in blocks]
-    source = cache.signal_source()
-    current: dict[str, _Call | None] = {"call": None}
-    cache.block_range(n, float("inf"))  # validates head_blocks / num_blocks against this model now
-    if source == "modulated":
-        norm1 = getattr(blocks[0], "norm1", None)
+                  block_names: Sequence[str] | BlockLayout | None) -> None:
+    """Wrap each block's forward so that the block-range runner decides, skips and records (see ``runner``)."""
+    layout = diffusers_layout(net, block_names)
+    blocks = layout_blocks(net, layout)
+    runner = BlockRangeRunner(cache, len(blocks))
+    if runner.source == "modulated":
+        norm1 = getattr(blocks[0][2], layout.modulated or "", None) if layout.modulated else None
         if not isinstance(norm1, nn.Module):
-            raise CacheConfigError(f"signal 'modulated' reads the first block's norm1 (adaLN), which "
-                                   f"{type(blocks[0]).__name__} lacks; use indicator='first_block' or "
+            raise CacheConfigError(f"signal 'modulated' reads the first block's adaLN ({layout.modulated}), which "
+                                   f"{type(blocks[0][2]).__name__} lacks; use indicator='first_block' or "
                                    "signal='range_input'")
 
         def grab(_m: nn.Module, _a: tuple, out: Any) -> None:
-            c = current["call"]
-            if c is not None:
-                c.modulated = out[0] if isinstance(out, (tuple, list)) else out
+            runner.set_modulated(out[0] if isinstance(out, (tuple, list)) else out)
 
         handle._undo.append(norm1.register_forward_hook(grab).remove)
 
     def begin(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         s = handle.take_sigma(lambda: float(ms.sigma(_timestep_from_call(args, kwargs).float()).reshape(-1)[0]))
-        a, b, region = cache.block_range(n, s)
-        if source == "modulated" and a < 1:
-            raise CacheConfigError("signal 'modulated' needs the first block to run before the cached range")
-        current["call"] = _Call(s, (a, b), region)
+        runner.begin(s, handle.key)
 
     def end(_m: nn.Module, _a: tuple, _k: dict, _o: Any) -> None:
-        current["call"] = None
+        runner.end()
 
     handle._undo.append(net.register_forward_pre_hook(begin, with_kwargs=True).remove)
     handle._undo.append(net.register_forward_hook(end, with_kwargs=True, always_call=True).remove)
 
-    def make_forward(i: int, block: nn.Module, io: _BlockIO) -> Callable[..., Any]:
-        orig = block.forward
+    def make_forward(i: int, io: BlockIO) -> Callable[..., Any]:
+        orig = io.block.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            c = current["call"]
-            if c is None:  # called outside the transformer's forward: leave it alone
+            if not runner.active:  # called outside the transformer's forward: leave it alone
                 return orig(*args, **kwargs)
-            a, b = c.range
-            if i == 0 and source == "head_residual":
-                c.head_in = hidden_from_inputs(block, args, kwargs)
-            if i == a:
-                s_in = io.state_in(args, kwargs)
-                signal = None
-                if source == "head_residual":
-                    signal = s_in[0] - c.head_in
-                elif source == "modulated":
-                    signal = c.modulated
-                elif source == "range_input":
-                    signal = s_in[0]
-                c.compute = cache.should_compute(s_in, c.sigma, handle.key, signal=signal, region=c.region)
-                if not c.compute:  # input + cached residual here, identity for the rest of the range
-                    cache.stats["blocks_skipped"] += b - a
-                    return io.make_output(cache.predict(s_in, handle.key))
-                c.range_in = s_in
-            elif a < i < b and not c.compute:
-                return io.make_output(io.state_in(args, kwargs))
+            state = io.state_in(args, kwargs)
+            skipped = runner.before(i, state, state[0])
+            if skipped is not None:
+                return io.make_output(skipped)
             out = orig(*args, **kwargs)
-            cache.stats["blocks_run"] += 1
-            if io.layout is None or (i == b - 1 and c.range_in is not None):
-                s_out = io.state_out(out, io.state_in(args, kwargs))
-                if i == b - 1 and c.range_in is not None:
-                    cache.update(c.range_in, s_out, handle.key)
-                    c.range_in = None
+            runner.ran(i, io.state_out(out, state) if runner.wants_output(i) else None)
             return out
 
         return forward
 
-    for i, (block, io) in enumerate(zip(blocks, ios)):
-        handle._undo.append(patch_attribute(block, "forward", make_forward(i, block, io)))
+    for i, (blist, _, block) in enumerate(blocks):
+        handle._undo.append(patch_attribute(block, "forward", make_forward(i, BlockIO(block, blist, layout))))
 
 
 # ------------------------------------------------------------------------------------------------ step level
@@ -341,6 +209,32 @@ def _apply_step_denoiser(handle: CacheHandle, den: nn.Module, cache: StepCache) 
     handle._undo.append(patch_attribute(den, "call", call))
 
 
+def _apply_cfg_branch(handle: CacheHandle, cfg: nn.Module, cache: CFGBranchCache) -> None:
+    """Wrap a ``CFGDenoiser``'s forward: the cache decides from the step's input; a computed step is the usual
+    batched cond+uncond call, a skipped one runs the conditional rows only and reuses the branch difference."""
+    from ..guidance.cfg import cfg_combine
+
+    orig = cfg.forward
+
+    def forward(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        if cfg.scale == 1.0 or cfg.cond_key not in cond:
+            return orig(x, sigma, **cond)
+        if cache.should_compute(x, sigma_value(sigma), handle.key, signal=x):
+            out: list[Tensor] = []
+            hook = cfg.denoiser.register_forward_hook(lambda _m, _a, o: out.append(o))
+            try:
+                result = orig(x, sigma, **cond)
+            finally:
+                hook.remove()
+            cond_out, uncond_out = out[-1].chunk(2)
+            cache.update(cond_out, uncond_out, handle.key)
+            return result
+        cond_out = cfg.denoiser(x, sigma, **cond)
+        return cfg_combine(cond_out, cache.predict(cond_out, handle.key), cfg.scale)
+
+    handle._undo.append(patch_attribute(cfg, "forward", forward))
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def apply_cache(
     model: nn.Module,
@@ -349,7 +243,7 @@ def apply_cache(
     model_sampling: Any = None,
     name: str | None = None,
     key: Hashable = None,
-    blocks: Sequence[str] | None = None,
+    blocks: Sequence[str] | BlockLayout | None = None,
     calibration_dirs: Sequence[Any] | None = None,
 ) -> CacheHandle:
     """Patch ``model`` with ``cache``; returns a handle to remove it (also a context manager).
@@ -357,12 +251,13 @@ def apply_cache(
     Args:
         model: a fewstep ``Denoiser`` (or a wrapper around one such as ``CFGDenoiser``), or a bare network (a
             diffusers model: then ``model_sampling`` defaults to ``diffusers_adapters.default_model_sampling``).
-        cache: a ``StepCache``, ``FirstBlockCache`` or ``DeltaDiTCache`` (one model at a time).
+        cache: a ``StepCache``, ``FirstBlockCache``, ``DeltaDiTCache`` or ``CFGBranchCache`` (on a ``CFGDenoiser``),
+            one model at a time.
         model_sampling: overrides the denoiser's (maps timesteps to sigma and ``start_percent`` to sigma).
         name: the model name used for calibration lookup (default: the denoiser's ``name``).
         key: branch key passed to the cache for every call made through this handle.
-        blocks: ModuleList attribute names of the block stack (default ``transformer_blocks``,
-            ``single_transformer_blocks``).
+        blocks: ModuleList attribute names of the block stack (a subset of its declared layout, in order), or a
+            ``BlockLayout`` for an architecture not in the registry (default: the declared layout).
         calibration_dirs: where to look for calibrations (default ``calibration.default_search_dirs()``).
     """
     if not isinstance(cache, ResidualCache):
@@ -389,7 +284,14 @@ def apply_cache(
                 handle.pending_sigma = None if s is None else sigma_value(torch.as_tensor(s))
 
             handle._undo.append(den.register_forward_pre_hook(grab_sigma, with_kwargs=True).remove)
-        if isinstance(cache, BlockCache):
+        if isinstance(cache, CFGBranchCache):
+            from ..guidance.cfg import CFGDenoiser
+
+            if not isinstance(model, CFGDenoiser):
+                raise CacheConfigError(f"CFGBranchCache reuses the unconditional branch of classifier-free guidance: "
+                                       f"apply it to a CFGDenoiser, got {type(model).__name__}")
+            _apply_cfg_branch(handle, model, cache)
+        elif isinstance(cache, BlockCache):
             _apply_blocks(handle, net, cache, ms, blocks)
         elif den is not None:
             _apply_step_denoiser(handle, den, cache)

@@ -29,8 +29,14 @@ from .xp import Array, NoiseSampler, array_namespace
 
 # --------------------------------------------------------------------------------------- helpers
 def default_noise_sampler(x: Array, seed: int | None = None) -> NoiseSampler:
-    """Fresh Gaussian noise per call: seeded like ComfyUI's ``default_noise_sampler`` for torch, numpy's PCG64
-    for numpy arrays."""
+    """Fresh Gaussian noise per call, seeded like current ComfyUI's ``default_noise_sampler`` (since 0.6.0).
+
+    Convention (torch): a generator on ``x.device`` seeded with ``seed``, or ``seed + 1`` on the CPU (so the first
+    ancestral noise differs from the initial latent noise drawn with ``seed``); ``seed=None`` uses torch's global
+    generator. Inside ComfyUI fewstep's sampler nodes pass the host's own noise sampler instead, so a seed gives the
+    host's sample on every ComfyUI version (``nodes/samplers.py``); pass ``noise_sampler`` to any ancestral sampler
+    here to use another stream. numpy arrays get numpy's PCG64 stream.
+    """
     return array_namespace(x).noise_sampler(x, seed)
 
 

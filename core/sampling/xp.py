@@ -89,12 +89,13 @@ class _Torch(_Namespace):
         return contextlib.nullcontext()
 
     def noise_sampler(self, x: Any, seed: int | None = None) -> NoiseSampler:
-        """Fresh Gaussian noise per call, seeded like ComfyUI's ``default_noise_sampler``."""
+        """Fresh Gaussian noise per call, seeded like ComfyUI's ``default_noise_sampler`` since 0.6.0 (``seed + 1``
+        on the CPU, ``seed`` on an accelerator)."""
         torch = self.module
         generator = None
         if seed is not None:
             generator = torch.Generator(device=x.device)
-            generator.manual_seed(int(seed))
+            generator.manual_seed(int(seed) + 1 if x.device.type == "cpu" else int(seed))
         return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
                                                      generator=generator)
 

@@ -1,0 +1,99 @@
+"""Save and load a learned-cache predictor as safetensors keyed to its model's fingerprint.
+
+The fingerprint is the calibration key (``model_fingerprint``: name + architecture/sampling config hash) plus
+``weights_fingerprint`` of the weight values: a predictor learns one network's features, so a fine-tune or a
+distilled student of the same architecture needs its own (unlike a TeaCache/MagCache calibration, which transfers
+across fine-tunes). Loading a predictor for another model raises ``LearnedCacheMismatchError`` naming both
+fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .predictor import ResidualPredictor
+
+FORMAT = "fewstep-learned-cache/1"
+
+
+class LearnedCacheMismatchError(ValueError):
+    """A learned-cache predictor was loaded for a model it was not trained on."""
+
+
+def model_identity(model: nn.Module, model_sampling: Any = None, name: str | None = None) -> dict[str, str]:
+    """``{"name", "config_hash", "weights_hash"}`` of a denoiser (or a wrapper around one) or a bare network."""
+    from ..identity import find_denoiser, model_fingerprint, weights_fingerprint
+
+    den = find_denoiser(model)
+    net = den.model if den is not None else model
+    model_name, config_hash = model_fingerprint(model, model_sampling, name)
+    return {"name": model_name, "config_hash": config_hash, "weights_hash": weights_fingerprint(net.named_parameters())}
+
+
+def describe(identity: dict[str, str]) -> str:
+    return f"{identity.get('name')} (config {identity.get('config_hash')}, weights {identity.get('weights_hash')})"
+
+
+def check_identity(expected: dict[str, str], actual: dict[str, str], what: str = "predictor") -> None:
+    """Raise ``LearnedCacheMismatchError`` naming both fingerprints unless config and weights hashes agree."""
+    if expected.get("config_hash") != actual.get("config_hash") or \
+            expected.get("weights_hash") != actual.get("weights_hash"):
+        raise LearnedCacheMismatchError(
+            f"this learned-cache {what} was trained for {describe(expected)} but the model is {describe(actual)}; "
+            "train one for this model (fewstep.callbacks.learned_cache.LearnedCacheModule) or load the predictor "
+            "that belongs to it")
+
+
+def save_predictor(path: str | Path, predictor: ResidualPredictor, identity: dict[str, str],
+                   meta: dict[str, Any] | None = None) -> Path:
+    """Write ``predictor`` to ``path`` (safetensors; header metadata holds the identity, the predictor config and
+    ``meta``) atomically: temp file in the same folder, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "identity": identity, "predictor": predictor.config(), "meta": meta or {}}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(header)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"learned-cache predictor not found at {path}")
+    with safe_open(str(path), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("fewstep", "{}"))
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path.name} is not a fewstep learned-cache predictor (format {header.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return header
+
+
+def load_predictor(path: str | Path, model: nn.Module | None = None, identity: dict[str, str] | None = None
+                   ) -> tuple[ResidualPredictor, dict[str, Any]]:
+    """``(predictor, header)`` from ``path``; with ``model`` (or its ``identity``) given, refuses a predictor
+    trained for another model (``LearnedCacheMismatchError`` naming both fingerprints)."""
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    if model is not None or identity is not None:
+        check_identity(header["identity"], identity if identity is not None else model_identity(model))
+    pred = ResidualPredictor(**header["predictor"])
+    pred.load_state_dict(load_file(str(path)))
+    return pred.eval().requires_grad_(False), header
