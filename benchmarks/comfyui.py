@@ -18,8 +18,10 @@ floor train-vs-held-out 0.151), and the wall-time speed-up against the 50-step b
 (the baseline is timed before and after the settings; the mean is used and both are in the JSON). Single-threaded
 by default: on a shared CPU one thread gives far steadier ratios.
 
-Needs a ComfyUI tree: ``$FEWSTEP_COMFYUI_ROOT``, else the test fixture (``python tests/comfyui_env.py`` installs
-ComfyUI 0.3.75 from PyPI into ``.comfyui/``). Writes ``benchmarks/results/comfyui.json`` and ``comfyui.png``.
+Needs a ComfyUI tree: ``$FEWSTEP_COMFYUI_ROOT``, else the test fixture of the version ``--comfyui-version`` (or
+``$FEWSTEP_COMFYUI_VERSION``; 0.3.75 from PyPI or 0.33.0 from the project's archive, installed into ``.comfyui/``
+by ``tests/comfyui_env.py``). Writes ``benchmarks/results/comfyui.json`` and ``comfyui.png`` (with
+``--comfyui-version V``: ``comfyui-V.json`` / ``comfyui-V.png``); the JSON records the ComfyUI version it ran on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -308,9 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--comfyui-version", default=None,
+                   help="ComfyUI test fixture to run on: 0.3.75 or 0.33.0 (default: $FEWSTEP_COMFYUI_VERSION, else "
+                        "0.3.75); results go to comfyui-<version>.json")
     args = p.parse_args(argv)
+    if args.comfyui_version:
+        if "comfyui_env" in sys.modules and sys.modules["comfyui_env"].COMFYUI_VERSION != args.comfyui_version:
+            raise SystemExit(f"--comfyui-version {args.comfyui_version}: ComfyUI "
+                             f"{sys.modules['comfyui_env'].COMFYUI_VERSION} is already loaded in this process")
+        os.environ["FEWSTEP_COMFYUI_VERSION"] = args.comfyui_version
     torch.set_num_threads(args.threads)
     cm = comfy_modules()
+    import comfyui_version
     teacher = load(cm, "digits_dit_teacher")
     base = baseline_run(cm, teacher)
     runs = [base]
@@ -326,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if not r["setting"].endswith("(timed again)")] + [
         {**r, "group": "baseline-repeat"} for r in rows if r["setting"].endswith("(timed again)")]
     out = Path(args.out) if args.out else RESULTS
-    result = {"machine": machine(), "per_class": args.per_class, "seed": args.seed, "teacher_cfg": TEACHER_CFG,
+    result = {"machine": machine(), "comfyui_version": comfyui_version.__version__, "per_class": args.per_class,
+              "seed": args.seed, "teacher_cfg": TEACHER_CFG,
               "wall_seconds": time.time() - t0, "rows": rows, "matched_caches": matched(rows)}
-    path = write_json(result, "comfyui.json", out)
-    plot([r for r in rows if r["group"] != "baseline-repeat"], out / "comfyui.png")
+    stem = f"comfyui-{args.comfyui_version}" if args.comfyui_version else "comfyui"
+    path = write_json(result, f"{stem}.json", out)
+    plot([r for r in rows if r["group"] != "baseline-repeat"], out / f"{stem}.png")
     print(table(rows))
-    print(f"wrote {path} and {out / 'comfyui.png'}")
+    print(f"wrote {path} and {out / f'{stem}.png'} (ComfyUI {comfyui_version.__version__})")
     return 0
 
 

@@ -4,11 +4,15 @@
   LCM's and TCD's skipping-step lists), mapped to sigmas by the connected model's own ``model_sampling``.
 - ``FewstepScheduleSearch``: ``core.sampling.search_schedule`` run on the connected model with its conditioning,
   cached by model content + settings.
+- ``FewstepPresetSchedule``: the published step schedules of the distilled models people run (``PRESETS``, each with
+  its source), as model timesteps (VP models, mapped through the connected model) or as sigmas (flow models).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.sample
@@ -16,7 +20,17 @@ import torch
 from comfy_api.latest import io
 
 from ..core.sampling import check_sigmas, search_schedule, timestep_list
-from ._comfy import ResultCache, digest, make_guider, model_fingerprint, model_sampling_of, parse_numbers, run_in_guider
+from ..core.sampling.samplers import is_flow
+from ._comfy import (
+    ResultCache,
+    digest,
+    make_guider,
+    model_fingerprint,
+    model_label,
+    model_sampling_of,
+    parse_numbers,
+    run_in_guider,
+)
 
 CATEGORY = "fewstep/schedules"
 SEARCH_SAMPLERS = ("euler", "heun", "dpmpp_2m", "uni_pc")
@@ -163,4 +177,134 @@ def search_for_model(model: Any, positive: Any, negative: Any, sampler: str, nfe
     return sigmas.float().cpu(), {k: (float(v) if isinstance(v, float) else v) for k, v in info.items()}
 
 
-NODES: list[type[io.ComfyNode]] = [FewstepTimestepSchedule, FewstepScheduleSearch]
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def _trailing(n: int, train_steps: int = 1000) -> list[float]:
+    """diffusers' ``timestep_spacing="trailing"``: round(arange(T, 0, -T / n)) - 1 (SDXL-Lightning, Hyper-SD)."""
+    return [float(round(train_steps - k * train_steps / n) - 1) for k in range(n)]
+
+
+def _lcm(n: int, original_steps: int = 50, train_steps: int = 1000) -> list[float]:
+    """diffusers' ``LCMScheduler.set_timesteps(n)`` with ``original_inference_steps`` (LCM, Luo et al. 2023,
+    skipping-step schedule): indices floor(linspace(0, original, n, endpoint=False)) into the reversed
+    ``arange(1, original + 1) * (T // original) - 1``."""
+    c = train_steps // original_steps
+    origin = [k * c - 1 for k in range(original_steps, 0, -1)]
+    return [float(origin[int(math.floor(i * original_steps / n))]) for i in range(n)]
+
+
+def _shifted(n: int, shift: float, last: float | None = None) -> list[float]:
+    """Flow sigmas ``shift t / (1 + (shift - 1) t)`` (SD3's time shift, Esser et al. 2024, eq. 23) at
+    ``t = linspace(1, 1/n, n)`` (diffusers' flow pipelines' default) or at explicit ``t``."""
+    ts = [1.0 - k / n for k in range(n)] if last is None else [1.0 - k * (1.0 - last) / (n - 1) for k in range(n)]
+    return [shift * t / (1.0 + (shift - 1.0) * t) for t in ts]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published step schedule: ``values`` are model timesteps (``unit="timestep"``, discrete VP models,
+    0-999) or sigmas (``unit="sigma"``, flow models, 1 = pure noise); a final 0 is appended when used."""
+
+    values: tuple[float, ...]
+    unit: str
+    models: str
+    source: str
+
+
+#: preset name -> published schedule (each ``source`` says where the numbers come from)
+PRESETS: dict[str, Preset] = {
+    "DMD2 SDXL 4-step": Preset((999.0, 749.0, 499.0, 249.0), "timestep", "DMD2 SDXL 4-step UNet / LoRA",
+                               "github.com/tianweiy/DMD2 README: LCMScheduler with timesteps=[999, 749, 499, 249] "
+                               "(the training timesteps, not LCMScheduler's defaults)"),
+    "DMD2 SDXL 1-step": Preset((399.0,), "timestep", "DMD2 SDXL 1-step UNet",
+                               "github.com/tianweiy/DMD2 README: dmd2_sdxl_1step_unet_fp16.bin with timesteps=[399]"),
+    "LCM 4-step": Preset(tuple(_lcm(4)), "timestep", "LCM-LoRA SD1.5 / SDXL, LCM-distilled SD models",
+                         "diffusers LCMScheduler (original_inference_steps=50).set_timesteps(4), as the LCM-LoRA "
+                         "model cards use it (latent-consistency/lcm-lora-sdxl)"),
+    "LCM 8-step": Preset(tuple(_lcm(8)), "timestep", "LCM-LoRA SD1.5 / SDXL",
+                         "diffusers LCMScheduler (original_inference_steps=50).set_timesteps(8)"),
+    "TCD 4-step": Preset(tuple(_lcm(4)), "timestep", "TCD-LoRA SD1.5 / SDXL (h1t/TCD-SDXL-LoRA)",
+                         "diffusers TCDScheduler (original_inference_steps=50).set_timesteps(4), as the TCD model card "
+                         "uses it (gamma/eta 0.3)"),
+    "Hyper-SD 8-step": Preset(tuple(_trailing(8)), "timestep", "Hyper-SD15 / Hyper-SDXL 8-step LoRA",
+                              "huggingface.co/ByteDance/Hyper-SD README: DDIMScheduler timestep_spacing='trailing', "
+                              "8 steps"),
+    "Hyper-SD 4-step": Preset(tuple(_trailing(4)), "timestep", "Hyper-SD15 / Hyper-SDXL 4-step LoRA",
+                              "huggingface.co/ByteDance/Hyper-SD README: DDIMScheduler timestep_spacing='trailing', "
+                              "4 steps"),
+    "Hyper-SDXL 1-step UNet": Preset((800.0,), "timestep", "Hyper-SDXL-1step-Unet",
+                                     "huggingface.co/ByteDance/Hyper-SD comfyui/ComfyUI-HyperSDXL1StepUnetScheduler: "
+                                     "timesteps [800] (diffusers: TCDScheduler, timesteps=[800])"),
+    "SDXL-Lightning 2-step": Preset(tuple(_trailing(2)), "timestep", "sdxl_lightning_2step(_unet/_lora)",
+                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
+                                    "timestep_spacing='trailing'"),
+    "SDXL-Lightning 4-step": Preset(tuple(_trailing(4)), "timestep", "sdxl_lightning_4step(_unet/_lora)",
+                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
+                                    "timestep_spacing='trailing'"),
+    "SDXL-Lightning 8-step": Preset(tuple(_trailing(8)), "timestep", "sdxl_lightning_8step(_unet/_lora)",
+                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
+                                    "timestep_spacing='trailing'"),
+    "Wan 2.2 Lightning 4-step (shift 5)": Preset(
+        tuple(_shifted(4, 5.0)), "sigma", "Wan2.2-Lightning / lightx2v Wan 2.2 A14B 4-step (high-noise expert for the "
+        "first 2 steps, low-noise for the last 2)",
+        "github.com/ModelTC/LightX2V WanStepDistillScheduler: denoising_step_list [1000, 750, 500, 250], "
+        "sample_shift 5.0 -> sigmas 1, 0.9375, 0.8333, 0.625"),
+    "Qwen-Image Lightning 8-step (shift 3)": Preset(
+        tuple(_shifted(8, 3.0)), "sigma", "Qwen-Image-Lightning-8steps",
+        "github.com/ModelTC/Qwen-Image-Lightning generate_with_diffusers.py: FlowMatchEulerDiscreteScheduler, "
+        "base_shift = max_shift = log(3) ('we use shift=3 in distillation'), sigmas linspace(1, 1/8, 8)"),
+    "Qwen-Image Lightning 4-step (shift 3)": Preset(
+        tuple(_shifted(4, 3.0)), "sigma", "Qwen-Image-Lightning-4steps",
+        "github.com/ModelTC/Qwen-Image-Lightning generate_with_diffusers.py: as the 8-step, sigmas "
+        "linspace(1, 1/4, 4)"),
+    "Z-Image-Turbo 8-step (shift 3)": Preset(
+        tuple(_shifted(8, 3.0)), "sigma", "Tongyi-MAI/Z-Image-Turbo",
+        "huggingface.co/Tongyi-MAI/Z-Image-Turbo: 8 NFEs, FlowMatchEulerDiscreteScheduler shift 3.0, guidance 0; "
+        "diffusers ZImagePipeline sigmas linspace(1, 1/8, 8)"),
+    "Flux schnell 4-step": Preset(
+        tuple(_shifted(4, 1.0)), "sigma", "black-forest-labs/FLUX.1-schnell",
+        "huggingface.co/black-forest-labs/FLUX.1-schnell: 4 steps, guidance 0, no time shift "
+        "(scheduler shift 1.0, use_dynamic_shifting false); sigmas linspace(1, 1/4, 4)"),
+}
+
+
+def preset_sigmas(model: Any, name: str) -> torch.Tensor:
+    """Sigmas (ending in 0) of preset ``name`` for ``model``; refuses a preset of the other model family."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown schedule preset {name!r}; choose one of {list(PRESETS)}")
+    preset = PRESETS[name]
+    ms = model_sampling_of(model)
+    flow = is_flow(ms)
+    if flow != (preset.unit == "sigma"):
+        kind = "flow-matching" if preset.unit == "sigma" else "discrete-timestep (SD1.5 / SDXL)"
+        raise ValueError(f"schedule preset {name!r} is for {kind} models ({preset.models}); the connected model "
+                         f"{model_label(model)} samples with {type(ms).__name__}. Pick a preset of its "
+                         "family, or give its timesteps to 'fewstep timestep schedule'")
+    return sigmas_from_list(model, list(preset.values), preset.unit)
+
+
+class FewstepPresetSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewstepPresetSchedule",
+            display_name="fewstep distilled-model schedule preset",
+            category=CATEGORY,
+            description="The published step schedule of a distilled model (DMD2, LCM, TCD, Hyper-SD, SDXL-Lightning, "
+                        "Wan 2.2 / Qwen-Image Lightning, Z-Image-Turbo, Flux schnell), with its shift. Timestep "
+                        "presets go through the connected model's noise schedule; flow presets are sigmas.",
+            inputs=[
+                io.Model.Input("model", tooltip="The distilled model (its family must match the preset)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="DMD2 SDXL 4-step",
+                               tooltip="; ".join(f"{k}: {v.models}" for k, v in PRESETS.items())),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="The preset's steps, ending in sigma 0.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, preset: str) -> io.NodeOutput:
+        return io.NodeOutput(preset_sigmas(model, preset))
+
+
+NODES: list[type[io.ComfyNode]] = [FewstepTimestepSchedule, FewstepScheduleSearch, FewstepPresetSchedule]

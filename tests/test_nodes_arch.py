@@ -129,3 +129,117 @@ def test_schedule_search_node_on_architecture(env, arch):
     assert json.loads(report)["shape"][1:] == list(env.tiny.ARCHS[arch][2])
     out = _run(env, arch, model, env.S.FewstepSamplerTeacher.execute("euler")[0], sigmas)
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------- step cache, Wan 2.2 experts
+
+
+def _node_kwargs(node_cls, **overrides):
+    """A node's inputs at their schema defaults (so these tests follow the node's current inputs), then overrides."""
+    kwargs = {inp.id: getattr(inp, "default", None) for inp in node_cls.GET_SCHEMA().inputs}
+    return {**kwargs, **overrides}
+
+
+class _Evaluations:
+    """Counts the network evaluations of ``model``: calls of its diffusion model in which a weight layer ran (a step
+    cache skipping at the diffusion-model level still enters the module but runs none of its layers)."""
+
+    def __init__(self, model):
+        self.calls: list = []
+        self.ran = [False]
+        dm = model.model.diffusion_model
+        leaves = [m for m in dm.modules() if not list(m.children()) and any(True for _ in m.parameters(False))]
+        self.handles = [m.register_forward_pre_hook(lambda mod, args: self.ran.__setitem__(0, True)) for m in leaves]
+        self.handles.append(dm.register_forward_pre_hook(lambda mod, args: self.ran.__setitem__(0, False)))
+        self.handles.append(dm.register_forward_hook(lambda mod, args, out: self.calls.append(1) if self.ran[0]
+                                                     else None))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _evaluations(model) -> tuple[list, _Evaluations]:
+    """(list growing by one per network evaluation of ``model``, handle with ``remove()``)."""
+    ev = _Evaluations(model)
+    return ev.calls, ev
+
+
+def _step_cache(model, threshold):
+    from fewstep.nodes import caches
+
+    kwargs = _node_kwargs(caches.FewstepStepCache, model=model, method="teacache_uncalibrated", threshold=threshold)
+    return caches.FewstepStepCache.execute(**kwargs)[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_cache_on_architecture(env, arch):
+    """The step cache works through the generic model wrappers on every family: threshold 0 reproduces the
+    unpatched sample with every evaluation, a high threshold skips evaluations and stays finite."""
+    model = env.models[arch]
+    sigmas = env.cs.BasicScheduler.execute(model, "karras", 8, 1.0)[0]
+    sampler = env.S.FewstepSamplerTeacher.execute("euler")[0]
+    calls, handle = _evaluations(model)
+    try:
+        ref = _run(env, arch, model, sampler, sigmas)
+        n_ref = len(calls)
+        calls.clear()
+        exact = _run(env, arch, _step_cache(model, 0.0), sampler, sigmas)
+        n_exact = len(calls)
+        calls.clear()
+        fast = _run(env, arch, _step_cache(model, 1.0), sampler, sigmas)
+        n_fast = len(calls)
+    finally:
+        handle.remove()
+    assert n_ref == 8 and n_exact == 8
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5)
+    assert 0 < n_fast < 8 and torch.isfinite(fast).all()
+
+
+def test_wan22_experts_switch_mid_run(env):
+    """Wan 2.2 A14B: a high-noise expert for sigmas above the boundary, a low-noise expert below (both Wan 2.1
+    architecture). fewstep's hybrid sampler switching experts mid-run equals ComfyUI's own two-pass graph (SplitSigmas
+    -> SamplerCustomAdvanced twice, the second without new noise); with a step cache on each expert, threshold 0 is
+    exact across the switch and each expert's cache only ever sees its own steps."""
+    if "wan22_a14b" not in ARCHS:
+        pytest.skip("the 2026 families are tested on ComfyUI 0.33.0 (FEWSTEP_COMFYUI_VERSION=0.33.0)")
+    high = env.models["wan22_a14b"]
+    low = env.tiny.tiny_model("wan22_a14b", seed=1)
+    sigmas = env.cs.BasicScheduler.execute(high, "simple", 8, 1.0)[0]
+    k = int((sigmas[:-1] >= 0.875).sum())  # Wan 2.2 T2V's boundary: sigma 0.875
+    assert 0 < k < 8
+    pos, neg, latent = env.tiny.tiny_inputs("wan22_a14b")
+    euler = env.S.FewstepSamplerTeacher.execute("euler")[0]
+
+    def two_pass(hi, lo):
+        s_high, s_low = env.cs.SplitSigmas.execute(sigmas, k)[0:2]
+        first = env.cs.SamplerCustomAdvanced.execute(env.cs.RandomNoise.execute(0)[0],
+                                                     env.cs.CFGGuider.execute(hi, pos, neg, 2.0)[0], euler, s_high,
+                                                     latent)[0]
+        return env.cs.SamplerCustomAdvanced.execute(env.cs.DisableNoise.execute()[0],
+                                                    env.cs.CFGGuider.execute(lo, pos, neg, 2.0)[0], euler, s_low,
+                                                    first)[0]["samples"]
+
+    def hybrid(hi, lo):
+        sampler = env.S.FewstepSamplerHybrid.execute(lo, k, "euler", "euler", 2.0)[0]
+        return _run(env, "wan22_a14b", hi, sampler, sigmas)
+
+    high_calls, h1 = _evaluations(high)
+    low_calls, h2 = _evaluations(low)
+    try:
+        ref = two_pass(high, low)
+        assert (len(high_calls), len(low_calls)) == (k, 8 - k)
+        high_calls.clear()
+        low_calls.clear()
+        ours = hybrid(high, low)
+        assert (len(high_calls), len(low_calls)) == (k, 8 - k)  # both experts, switched at the boundary
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        cached = hybrid(_step_cache(high, 0.0), _step_cache(low, 0.0))
+        torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
+        high_calls.clear()
+        low_calls.clear()
+        fast = two_pass(_step_cache(high, 1.0), _step_cache(low, 1.0))
+        assert torch.isfinite(fast).all() and len(high_calls) <= k and 0 < len(low_calls) < 8 - k
+    finally:
+        h1.remove()
+        h2.remove()

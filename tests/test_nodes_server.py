@@ -11,6 +11,7 @@ Screenshots go to ``tests/artifacts/`` (git-ignored).
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +32,7 @@ MIN_ACCURACY = 0.75
 SAMPLER_NODES = {
     "FewstepSamplerLCM", "FewstepSamplerTCD", "FewstepSamplerDMD", "FewstepSamplerFlowMap", "FewstepSamplerOneStep",
     "FewstepSamplerHybrid", "FewstepSamplerTeacher", "FewstepTimestepSchedule", "FewstepScheduleSearch",
+    "FewstepPresetSchedule",
 }
 EMBEDDED_NODES = {
     "FewstepDigitsModelLoader", "FewstepDigitsClassCondition", "FewstepDigitsEmptyLatent",
@@ -288,3 +290,92 @@ def test_frontend_ui_workflow_is_its_api_twin(server, page, name):
         declared = {k for group in info[node["class_type"]]["input"].values() for k in group}
         node["inputs"] = {k: v for k, v in node["inputs"].items() if k in declared}
     assert queued == wt.strip_meta(wt.load_api(name))
+
+
+# ------------------------------------------------------------------------------------- templates vs /object_info
+
+
+def _combo_options(spec: list) -> list | None:
+    """A COMBO input's options in /object_info (legacy ``[[...], {...}]`` or V3 ``["COMBO", {"options": [...]}]``)."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return (spec[1] if len(spec) > 1 else {}).get("options", [])
+    return None
+
+
+def _types_match(out_type: str, in_type: str) -> bool:
+    outs, ins = set(out_type.split(",")), set(in_type.split(","))
+    return "*" in outs or "*" in ins or bool(outs & ins)
+
+
+def template_errors(graph: dict, info: dict) -> list[str]:
+    """Every way ``graph`` (API format) disagrees with a server's /object_info: unknown node types, unknown or missing
+    inputs, links whose output type does not fit the input, combo values not offered (model files the templates name,
+    ``workflow_tools.MODEL_FILES``, are not on the test server, so a file combo may lack them), numbers out of
+    range."""
+    files = {f.name for f in wt.MODEL_FILES.values()}
+    errors = []
+    for nid, node in graph.items():
+        ct = node["class_type"]
+        if ct not in info:
+            errors.append(f"node {nid}: unknown node type {ct!r}")
+            continue
+        required, optional = info[ct]["input"].get("required", {}), info[ct]["input"].get("optional", {})
+        errors += [f"node {nid} ({ct}): required input {k!r} missing" for k in required if k not in node["inputs"]]
+        for name, value in node["inputs"].items():
+            spec = required.get(name) or optional.get(name)
+            if spec is None:
+                errors.append(f"node {nid} ({ct}): no input {name!r}")
+                continue
+            options = _combo_options(spec)
+            in_type = "COMBO" if options is not None else spec[0]
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):  # a link
+                src = graph.get(value[0])
+                if src is None or src["class_type"] not in info:
+                    errors.append(f"node {nid} ({ct}).{name}: link from missing node {value[0]}")
+                    continue
+                outputs = info[src["class_type"]]["output"]
+                if value[1] >= len(outputs):
+                    errors.append(f"node {nid} ({ct}).{name}: {src['class_type']} has no output {value[1]}")
+                elif not _types_match(outputs[value[1]], in_type):
+                    errors.append(f"node {nid} ({ct}).{name}: expects {in_type}, linked to "
+                                  f"{src['class_type']} output {outputs[value[1]]}")
+            elif options is not None:
+                if value not in options and value not in files:
+                    errors.append(f"node {nid} ({ct}).{name}: {value!r} not among the options")
+            elif in_type in ("INT", "FLOAT"):
+                lim = spec[1] if len(spec) > 1 else {}
+                if not isinstance(value, (int, float)) or value < lim.get("min", -math.inf) or \
+                        value > lim.get("max", math.inf):
+                    errors.append(f"node {nid} ({ct}).{name}: {value!r} outside [{lim.get('min')}, {lim.get('max')}]")
+    return errors
+
+
+@pytest.mark.parametrize("name", sorted(wt.all_workflows()))
+def test_workflow_validates_against_object_info(server, name):
+    """Every shipped workflow (embedded ones and the SD1.5 / SDXL / Flux templates) type-checks against this server's
+    /object_info: run once per supported ComfyUI version by the test matrix."""
+    url, _ = server
+    info = json.loads(_get(f"{url}/object_info"))
+    graph = wt.load_api(name)
+    assert template_errors(graph, info) == []
+    if name in wt.template_workflows():  # the model files named are the published ones
+        named = {v for node in graph.values() for v in node["inputs"].values() if isinstance(v, str)
+                 and v.endswith((".safetensors", ".bin"))}
+        assert named and named <= {f.name for f in wt.MODEL_FILES.values()}
+
+
+def test_template_validation_catches_broken_graphs(server):
+    url, _ = server
+    info = json.loads(_get(f"{url}/object_info"))
+    graph = wt.load_api("fewstep_sdxl_dmd2_4step")
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "SamplerCustomAdvanced")
+    broken = json.loads(json.dumps(graph))
+    broken[sampler_id]["inputs"]["sigmas"] = broken[sampler_id]["inputs"]["guider"]  # GUIDER into SIGMAS
+    noise_id = next(k for k, n in graph.items() if n["class_type"] == "RandomNoise")
+    broken[noise_id]["inputs"]["seed_of_noise"] = 1
+    broken["999"] = {"class_type": "NoSuchNode", "inputs": {}}
+    errs = template_errors(broken, info)
+    assert any("expects SIGMAS" in e for e in errs) and any("no input 'seed_of_noise'" in e for e in errs)
+    assert any("unknown node type 'NoSuchNode'" in e for e in errs)

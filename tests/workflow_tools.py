@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +270,45 @@ def _text_to_image(name: str, loader: dict, sampler: tuple[str, dict], sigmas: t
     return g.nodes
 
 
-SD15 = {"kind": "checkpoint", "ckpt": "v1-5-pruned-emaonly-fp16.safetensors"}
-SDXL = {"kind": "checkpoint", "ckpt": "sd_xl_base_1.0.safetensors"}
-FLUX_SCHNELL = {"kind": "flux", "unet": "flux1-schnell.safetensors", "t5": "t5xxl_fp8_e4m3fn.safetensors",
-                "clip_l": "clip_l.safetensors", "vae": "ae.safetensors"}
-FLUX_DEV = {**FLUX_SCHNELL, "unet": "flux1-dev.safetensors", "guidance": 3.5}
+@dataclass(frozen=True)
+class ModelFile:
+    """A public model file the templates name: ``name`` as ComfyUI lists it (relative to its models folder, i.e.
+    ``huggingface-cli download <repo> <file> --local-dir models/<folder>[/<subfolder>]``), where it comes from."""
+
+    name: str
+    folder: str
+    repo: str
+    file: str
+
+
+#: every model file the SD1.5 / SDXL / Flux templates name: published Hugging Face files, unrenamed (the two
+#: LoRAs published as pytorch_lora_weights.safetensors sit in a subfolder named after their repository)
+MODEL_FILES: dict[str, ModelFile] = {
+    "sd15": ModelFile("v1-5-pruned-emaonly-fp16.safetensors", "checkpoints", "Comfy-Org/stable-diffusion-v1-5-archive",
+                      "v1-5-pruned-emaonly-fp16.safetensors"),
+    "sdxl": ModelFile("sd_xl_base_1.0.safetensors", "checkpoints", "stabilityai/stable-diffusion-xl-base-1.0",
+                      "sd_xl_base_1.0.safetensors"),
+    "lcm_lora_sd15": ModelFile("lcm-lora-sdv1-5/pytorch_lora_weights.safetensors", "loras",
+                               "latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors"),
+    "tcd_lora_sdxl": ModelFile("TCD-SDXL-LoRA/pytorch_lora_weights.safetensors", "loras", "h1t/TCD-SDXL-LoRA",
+                               "pytorch_lora_weights.safetensors"),
+    "dmd2_lora_sdxl": ModelFile("dmd2_sdxl_4step_lora_fp16.safetensors", "loras", "tianweiy/DMD2",
+                                "dmd2_sdxl_4step_lora_fp16.safetensors"),
+    "flux_schnell": ModelFile("flux1-schnell.safetensors", "diffusion_models", "black-forest-labs/FLUX.1-schnell",
+                              "flux1-schnell.safetensors"),
+    "flux_dev": ModelFile("flux1-dev.safetensors", "diffusion_models", "black-forest-labs/FLUX.1-dev",
+                          "flux1-dev.safetensors"),
+    "t5xxl": ModelFile("t5xxl_fp8_e4m3fn.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders",
+                       "t5xxl_fp8_e4m3fn.safetensors"),
+    "clip_l": ModelFile("clip_l.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders",
+                        "clip_l.safetensors"),
+    "flux_vae": ModelFile("ae.safetensors", "vae", "black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
+}
+SD15 = {"kind": "checkpoint", "ckpt": MODEL_FILES["sd15"].name}
+SDXL = {"kind": "checkpoint", "ckpt": MODEL_FILES["sdxl"].name}
+FLUX_SCHNELL = {"kind": "flux", "unet": MODEL_FILES["flux_schnell"].name, "t5": MODEL_FILES["t5xxl"].name,
+                "clip_l": MODEL_FILES["clip_l"].name, "vae": MODEL_FILES["flux_vae"].name}
+FLUX_DEV = {**FLUX_SCHNELL, "unet": MODEL_FILES["flux_dev"].name, "guidance": 3.5}
 PROMPT = "a photo of a red fox in the snow, detailed fur, soft morning light"
 
 
@@ -283,21 +318,21 @@ def template_workflows() -> dict[str, dict]:
         "fewstep_sd15_lcm_lora": _text_to_image(
             "fewstep_sd15_lcm_lora", SD15, ("FewstepSamplerLCM", {}),
             ("FewstepTimestepSchedule", {"timesteps": "999,759,499,259", "unit": "timestep"}), 1.5, 512, PROMPT,
-            lora="lcm-lora-sdv1-5.safetensors"),
+            lora=MODEL_FILES["lcm_lora_sd15"].name),
         "fewstep_sdxl_dmd2_4step": _text_to_image(
             "fewstep_sdxl_dmd2_4step", SDXL, ("FewstepSamplerDMD", {}),
             ("FewstepTimestepSchedule", {"timesteps": "999,749,499,249", "unit": "timestep"}), 1.0, 1024, PROMPT,
-            lora="dmd2_sdxl_4step_lora_fp16.safetensors"),
+            lora=MODEL_FILES["dmd2_lora_sdxl"].name),
         "fewstep_sdxl_tcd_lora": _text_to_image(
             "fewstep_sdxl_tcd_lora", SDXL, ("FewstepSamplerTCD", {"gamma": 0.3}),
             ("FewstepTimestepSchedule", {"timesteps": "999,759,499,259", "unit": "timestep"}), 1.0, 1024, PROMPT,
-            lora="TCD-SDXL-LoRA.safetensors"),
+            lora=MODEL_FILES["tcd_lora_sdxl"].name),
         "fewstep_sdxl_hybrid_base_to_dmd2": _text_to_image(
             "fewstep_sdxl_hybrid_base_to_dmd2", SDXL,
             ("FewstepSamplerHybrid", {"base_steps": 2, "base_sampler": "dpmpp_2m", "distilled_sampler": "dmd",
                                       "distilled_cfg": 1.0}),
             ("FewstepTimestepSchedule", {"timesteps": "999,899,749,499,249", "unit": "timestep"}), 5.0, 1024,
-            PROMPT, hybrid_lora="dmd2_sdxl_4step_lora_fp16.safetensors"),
+            PROMPT, hybrid_lora=MODEL_FILES["dmd2_lora_sdxl"].name),
         "fewstep_flux_schnell_any_step": _text_to_image(
             "fewstep_flux_schnell_any_step", FLUX_SCHNELL, ("FewstepSamplerFlowMap", {}),
             ("BasicScheduler", {"scheduler": "simple", "steps": 4, "denoise": 1.0}), 1.0, 1024, PROMPT),
