@@ -196,10 +196,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return head + body
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
 def write_report(rows: list[dict[str, Any]], images: dict[str, Tensor], out_dir: str | Path,
                  extra: dict[str, Any] | None = None, per_row: int = 10) -> Path:
     """Write ``report.md``, ``report.json``, one PNG grid per setting and ``quality_vs_nfe.png``."""
@@ -213,13 +209,13 @@ def write_report(rows: list[dict[str, Any]], images: dict[str, Tensor], out_dir:
         pick = torch.cat([imgs[c * per_class: c * per_class + k] for c in range(NUM_CLASSES)])
         with atomic_path(out / f"grid_{_slug(name)}.png") as tmp:
             to_uint8_grid(pick, nrow=k).save(tmp)
-    write_text_atomic(out / "report.json", json.dumps({"rows": rows, **(extra or {})}, indent=2))
+    write_text(out / "report.json", json.dumps({"rows": rows, **(extra or {})}, indent=2))
     md = "# fewstep demo report\n\n" + markdown_table(rows) + "\n" + timing_note(rows) + "\n"
     if extra and extra.get("floors"):
         f = extra["floors"]
         md += f"\nFD floor (train vs held-out digits): {f['fd_floor']:.2f}; FD ceiling (noise): {f['fd_ceiling']:.2f}\n"
     md += "\n" + "".join(f"![{r['setting']}](grid_{_slug(r['setting'])}.png)\n" for r in rows)
-    write_text_atomic(out / "report.md", md)
+    write_text(out / "report.md", md)
     plot_quality(rows, out / "quality_vs_nfe.png", floors=(extra or {}).get("floors"))
     return out
 

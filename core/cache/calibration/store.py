@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from ...io import write_text
 
 FORMAT = "fewstep.cache.calibration"
 VERSION = 1
@@ -212,20 +213,6 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_calibration(cal: Calibration, directory: str | Path | None = None) -> Path:
     """Write ``<directory>/<name>--<hash>.json`` atomically (default: ``$FEWSTEP_CALIBRATION_DIR`` or
     ``~/.cache/fewstep/calibrations``). Refuses invalid values (``Calibration.validate``)."""
@@ -233,7 +220,7 @@ def save_calibration(cal: Calibration, directory: str | Path | None = None) -> P
     out = Path(directory) if directory is not None else default_search_dirs()[0]
     out.mkdir(parents=True, exist_ok=True)
     path = out / calibration_filename(cal.model, cal.config_hash)
-    write_text_atomic(path, json.dumps(cal.to_dict(), indent=1))
+    write_text(path, json.dumps(cal.to_dict(), indent=1))
     return path
 
 

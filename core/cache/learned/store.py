@@ -10,12 +10,12 @@ fingerprints.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ...io import atomic_path
 from .predictor import ResidualPredictor
 
 FORMAT = "fewstep-learned-cache/1"
@@ -59,15 +59,8 @@ def save_predictor(path: str | Path, predictor: ResidualPredictor, identity: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "identity": identity, "predictor": predictor.config(), "meta": meta or {}}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(header)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
