@@ -123,6 +123,48 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
             "quality": quality}
 
 
+def dmd2_recipe(init: str = "reflow", generator_timestep: int = 399, gan: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``DMD2Distillation`` for the one-step digits student (besides teacher, shape, data).
+
+    Measured causes of the collapsed first recipe (issue 13) and what replaces them:
+
+    - input pure noise labelled ``t = 999``: the teacher (the initial generator) returns nearly the class mean
+      there -> label it ``t = 399`` (DMD2's one-step SDXL) and start from the reflow student (``init="reflow"``,
+      a one-step map that already spreads noise over the class; ``"teacher"`` starts from the teacher);
+    - optimiser: betas (0, 0.99), critic lr 5x, no weight decay, clip 1 -> DMD2's AdamW (0.9, 0.999), weight
+      decay 0.01, equal learning rates, linear warm-up, clip 10;
+    - fake score only on t in [0.02, 0.98] -> the full range;
+    - GAN head at chance: mean-pooled middle-block tokens at every noise level, weight 3e-3 on a DMD loss averaged
+      over 256 pixels (DMD2's 3e-3 is relative to 12,288) -> a spatial head at low noise levels with weights
+      scaled to the pixel count.
+    """
+    if init not in ("reflow", "teacher"):
+        raise ValueError(f"init must be 'reflow' or 'teacher', got {init!r}")
+    if not 0 < int(generator_timestep) <= 999:
+        raise ValueError(f"generator_timestep must be in 1..999, got {generator_timestep}")
+    kw: dict[str, Any] = {
+        "guidance_scale": CFG, "generator_timesteps": [int(generator_timestep)], "critic_ratio": 5,
+        "lr": 2e-5, "critic_lr": 2e-5, "betas": (0.9, 0.999), "weight_decay": 0.01, "grad_clip": 10.0,
+        "warmup_steps": 50, "t_range": (0.02, 0.98), "critic_t_range": (0.0, 1.0),
+        "gan_weight": 0.0, "gan_critic_weight": 0.0,
+    }
+    if gan:
+        kw.update(gan_weight=0.05, gan_critic_weight=0.1, gan_t_range=(0.0, 0.3), head="spatial")
+    return kw
+
+
+def dmd2_initial_student(init: str = "reflow", weights_dir: str | Path | None = None):
+    """The generator DMD2 starts from: ``"teacher"`` (a copy, the module's default) or the shipped reflow
+    student (trainable)."""
+    if init == "teacher":
+        return "copy"
+    from ..core.models.embedded import WEIGHTS_DIR
+    from ..core.models.students import load_student
+
+    student, _ = load_student(Path(weights_dir or WEIGHTS_DIR) / SHIPPED["reflow"][0])
+    return student.requires_grad_(True)
+
+
 def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int, progress: bool) -> Path:
     from ..core.trajectories import generate_trajectories
 

@@ -55,6 +55,14 @@ def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | Non
     return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
 
 
+def regression_loss(x0: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """DMD's regression loss (Yin et al. 2024, DMD eq. 9) on teacher ODE pairs: the generator's output for a noise
+    ``z`` against the teacher's deterministic-sampler endpoint from the same ``z``, here as the mean squared
+    error per sample (DMD uses LPIPS), batch mean optionally weighted per sample (not renormalised). It
+    anchors the generator to the teacher's noise-to-image map, so it cannot put every noise of a class onto one image."""
+    return weighted_mean(per_sample_mean((x0.float() - target.detach().float()) ** 2), weights)
+
+
 def fake_score_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """Critic ("fake score") denoising loss on generator samples (DMD eq. 6, DMD2 Alg. 1 line 11): mean squared
     error between the critic's prediction and the target in one parameterisation (x0, or the teacher's native
