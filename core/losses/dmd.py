@@ -59,7 +59,8 @@ def regression_loss(x0: Tensor, target: Tensor, weights: Tensor | None = None) -
     """DMD's regression loss (Yin et al. 2024, DMD eq. 9) on teacher ODE pairs: the generator's output for a noise
     ``z`` against the teacher's deterministic-sampler endpoint from the same ``z``, here as the mean squared
     error per sample (DMD uses LPIPS), batch mean optionally weighted per sample (not renormalised). It
-    anchors the generator to the teacher's noise-to-image map, so it cannot put every noise of a class onto one image."""
+    anchors the generator to the teacher's noise-to-image map, so it cannot put every noise of a class
+    onto one image."""
     return weighted_mean(per_sample_mean((x0.float() - target.detach().float()) ** 2), weights)
 
 
