@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-only", metavar="PATH", default=None,
+                   help="write the generator of <work>/checkpoints/last.ckpt to PATH (safetensors + JSON) and exit; "
+                   "safe while the run goes on")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -82,24 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     recipe = dmd2_recipe(args.init, args.timestep, gan=not args.no_gan)
     for item in args.set:
         key, _, val = item.partition("=")
-        if key not in recipe and key not in ("gan_t_range", "head", "critic_ratio"):
+        if key not in recipe and key not in ("gan_t_range", "head", "head_lr", "regression_weight"):
             raise SystemExit(f"--set {key}: not a recipe key ({', '.join(recipe)})")
         v = json.loads(val)
         recipe[key] = tuple(v) if isinstance(v, list) else v
     config = {"init": args.init, "timestep": args.timestep, "batch_size": args.batch_size, "seed": args.seed,
               "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}}
     cfg_path = work / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != config:
+    if args.export_only:
+        config = json.loads(cfg_path.read_text())  # the run's own configuration
+        recipe = {k: tuple(v) if isinstance(v, list) and k != "generator_timesteps" else v
+                  for k, v in config["recipe"].items()}
+    elif cfg_path.exists() and json.loads(cfg_path.read_text()) != config:
         raise SystemExit(f"{work} holds a run with another configuration ({cfg_path}); use a new --work")
-    tmp = cfg_path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    tmp.replace(cfg_path)
+    if not args.export_only:
+        tmp = cfg_path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(config, indent=1))
+        tmp.replace(cfg_path)
 
     teacher = load_teacher()
     x, y = load_digits_tensors("train")
-    module = DMD2Distillation(teacher, SHAPE, student=dmd2_initial_student(args.init), real_data=x, real_labels=y,
-                              batch_size=args.batch_size, seed=args.seed,
+    module = DMD2Distillation(teacher, SHAPE, student=dmd2_initial_student(config["init"]), real_data=x,
+                              real_labels=y, batch_size=config["batch_size"], seed=config["seed"],
                               max_generator_steps=args.max_generator_updates, **recipe)
+    if args.export_only:
+        ckpt = torch.load(work / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+        module.load_counters(ckpt.get("fewstep", {}).get("counters", {}))
+        files = module.export(args.export_only)
+        print(f"exported the generator after {module.generator_updates} generator updates: "
+              f"{', '.join(map(str, files))}")
+        return 0
     monitor = CollapseMonitor(every_n_steps=args.eval_every, per_class=36, path=work / "curve.json",
                               min_recall=0.3, use_ema=False)
     ckpt = ModelCheckpoint(dirpath=work / "checkpoints", every_n_train_steps=args.checkpoint_every, save_last=True,

@@ -58,6 +58,8 @@ class DMD2Distillation(DistillationModule):
             ``[999, 749, 499, 249]`` for a multi-step generator (backward simulation).
         critic_ratio: critic updates per generator update (DMD2 uses 5; counted by ``batches_seen``).
         critic_lr: critic learning rate (default ``lr``).
+        head_lr: learning rate of the GAN head (default ``critic_lr``; a freshly initialised head learns nothing
+            in a few hundred updates at a fine-tuning rate).
         t_range: re-noising levels of the distribution-matching term as fractions of the noise range (DMD2:
             ``[0.02, 0.98]`` of the timesteps).
         critic_t_range: noise levels of the critic's denoising loss (DMD2 trains the fake score on every timestep:
@@ -82,7 +84,8 @@ class DMD2Distillation(DistillationModule):
 
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], guidance_scale: float = 2.0,
                  generator_timesteps: Sequence[float] | None = None, critic_ratio: int = 5,
-                 critic_lr: float | None = None, t_range: tuple[float, float] = (0.02, 0.98),
+                 critic_lr: float | None = None, head_lr: float | None = None,
+                 t_range: tuple[float, float] = (0.02, 0.98),
                  critic_loss_space: str = "native", gan_weight: float = 0.0, gan_critic_weight: float | None = None,
                  divergence: str = "reverse_kl", real_data: Tensor | None = None, real_labels: Tensor | None = None,
                  feature_module: str | None = None, max_generator_steps: int | None = None,
@@ -98,6 +101,7 @@ class DMD2Distillation(DistillationModule):
             raise ValueError(f"critic_ratio must be >= 1, got {critic_ratio}")
         self.critic_ratio = int(critic_ratio)
         self.critic_lr = float(critic_lr if critic_lr is not None else self.lr)
+        self.head_lr = float(head_lr if head_lr is not None else self.critic_lr)
         self.t_range = _check_range(t_range, "t_range")
         self.critic_t_range = _check_range(critic_t_range if critic_t_range is not None else t_range,
                                            "critic_t_range")
@@ -167,8 +171,10 @@ class DMD2Distillation(DistillationModule):
 
     def configure_optimizers(self):
         gen = torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        cparams = list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        crit = torch.optim.AdamW(cparams, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
+        groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "lr": self.head_lr})
+        crit = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return [gen, crit]
         n = self.warmup_steps

@@ -177,7 +177,7 @@ def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: in
 def train_consistency(steps: int = 800, batch: int = 128, grid: int = 18, ema: float = 0.95,
                       seed: int = 0) -> EDMNet:
     """Consistency distillation (Song et al. 2023, Alg. 2) with ``consistency_loss`` at segment end 0: the exact
-    teacher's DDIM step between neighbouring Karras grid points, an EMA target network."""
+    teacher's Heun step between neighbouring Karras grid points, an EMA target network."""
     import copy
 
     from fewstep.core.sampling.schedules import get_sigmas
@@ -194,8 +194,10 @@ def train_consistency(steps: int = 800, batch: int = 128, grid: int = 18, ema: f
         i = torch.randint(2, len(sig_grid), (batch,))
         s_t, s_s = sig_grid[i], sig_grid[i - 1]
         x_t = x0 + s_t[:, None] * torch.randn_like(x0)
-        with torch.no_grad():
-            x_s = ddim_transfer(ms, x_t, den(x_t, s_t).float(), s_t, s_s)
+        with torch.no_grad():  # the teacher's Heun step from s_t to s_s (Karras et al. 2022, Alg. 1)
+            d_t = den(x_t, s_t).float()
+            x_e = ddim_transfer(ms, x_t, d_t, s_t, s_s)
+            x_s = ddim_transfer(ms, x_t, 0.5 * (d_t + den(x_e, s_s).float()), s_t, s_s)
             tgt = target(x_s, s_s)
         loss = consistency_loss(ms, x_t, s_t, student(x_t, s_t), x_s, s_s, tgt, torch.zeros(batch), distance="l2")
         opt.zero_grad()
