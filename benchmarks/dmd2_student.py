@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="run folder (checkpoints, logs, curve, exported student)")
     p.add_argument("--init", choices=("reflow", "teacher"), default="reflow")
-    p.add_argument("--timestep", type=int, default=399, help="timestep label of the generator's noise input")
+    p.add_argument("--timestep", type=int, default=None,
+                   help="timestep label of the noise input (default: 999 from reflow, 399 from the teacher)")
     p.add_argument("--no-gan", action="store_true")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="override recipe keys, e.g. lr=1e-5 gan_weight=0.1 gan_t_range=[0,0.5]")
@@ -92,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     config = {"init": args.init, "timestep": args.timestep, "batch_size": args.batch_size, "seed": args.seed,
               "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}}
     cfg_path = work / "config.json"
-    if args.export_only:
-        config = json.loads(cfg_path.read_text())  # the run's own configuration
+    if cfg_path.exists():  # resume / export: the run's own configuration wins over the arguments
+        stored = json.loads(cfg_path.read_text())
+        if stored != config:
+            print(f"{work}: using the stored configuration of this run ({cfg_path}), not the arguments")
+        config = stored
         recipe = {k: tuple(v) if isinstance(v, list) and k != "generator_timesteps" else v
                   for k, v in config["recipe"].items()}
-    elif cfg_path.exists() and json.loads(cfg_path.read_text()) != config:
-        raise SystemExit(f"{work} holds a run with another configuration ({cfg_path}); use a new --work")
-    if not args.export_only:
+    elif args.export_only:
+        raise SystemExit(f"{work} holds no run (no config.json)")
+    else:
         tmp = cfg_path.with_name("config.json.tmp")
         tmp.write_text(json.dumps(config, indent=1))
         tmp.replace(cfg_path)

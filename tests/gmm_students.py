@@ -113,7 +113,7 @@ class Generator(nn.Module):
         return SIGMA_DATA * z + self.net(z)
 
 
-def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: int = 200, critic_ratio: int = 3,
+def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: int = 400, critic_ratio: int = 3,
               batch: int = 128, seed: int = 0, collapsed_start: bool = False) -> tuple[Generator, dict]:
     """DMD / DMD2 on the mixture: exact real score, learned fake score (``EDMNet``), optional GAN head on the
     fake score's features and optional regression on ODE pairs. ``collapsed_start``: the generator starts at
@@ -174,7 +174,7 @@ def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: in
     return gen, logs
 
 
-def train_consistency(steps: int = 800, batch: int = 128, grid: int = 18, ema: float = 0.95,
+def train_consistency(steps: int = 4000, batch: int = 128, grid: int = 12, ema: float = 0.95,
                       seed: int = 0) -> EDMNet:
     """Consistency distillation (Song et al. 2023, Alg. 2) with ``consistency_loss`` at segment end 0: the exact
     teacher's Heun step between neighbouring Karras grid points, an EMA target network."""
@@ -209,7 +209,7 @@ def train_consistency(steps: int = 800, batch: int = 128, grid: int = 18, ema: f
     return student
 
 
-def train_reflow(steps: int = 800, batch: int = 128, seed: int = 0) -> nn.Module:
+def train_reflow(steps: int = 1500, batch: int = 128, seed: int = 0) -> nn.Module:
     """Rectified flow (Liu et al. 2023) on the teacher's ODE pairs with ``reflow_loss``: an x0 predictor trained on
     the straight line from the teacher's endpoint (``t = 0``) to its start ``sigma_max z`` (``t = 1``), at
     ``sigma = t sigma_max``; one step is ``D(sigma_max z, sigma_max)``."""

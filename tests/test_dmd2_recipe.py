@@ -140,7 +140,7 @@ def test_dmd2_recipe_builds_a_module():
     from fewstep.callbacks import DMD2Distillation
     from fewstep.callbacks.train_students import dmd2_recipe
 
-    kw = dmd2_recipe("teacher", 399)
+    kw = dmd2_recipe("teacher")
     assert kw["betas"] == (0.9, 0.999) and kw["lr"] == kw["critic_lr"] and kw["grad_clip"] == 10.0
     assert kw["critic_t_range"] == (0.0, 1.0) and kw["gan_weight"] > 0 and kw["head"] == "spatial"
     x, y = tiny.real_data()
