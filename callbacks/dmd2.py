@@ -30,6 +30,7 @@ from ..core.guidance.scaled import guided_denoise
 from ..core.losses.common import sigma_at_fraction
 from ..core.losses.dmd import (
     DIVERGENCES,
+    decoupled_dmd_loss,
     dmd_gradient,
     dmd_loss,
     f_divergence_weights,
@@ -78,6 +79,8 @@ class DMD2Distillation(DistillationModule):
         regression_pairs: teacher ODE pairs: a trajectory folder (``core.trajectories``) or a dict with ``noise``
             (the unit-variance noise the teacher started from), ``endpoint`` (its sample) and ``cond`` (class).
         warmup_steps: linear learning-rate warm-up over this many updates of each optimizer (DMD2: 500).
+        ca_weight, dm_weight: Decoupled DMD (``core.losses.dmd.decoupled_dmd_gradient``): weights of the
+            CFG-augmentation and distribution-matching parts of the direction (1, 1 = plain DMD with CFG).
     """
 
     method = "dmd2"
@@ -91,7 +94,7 @@ class DMD2Distillation(DistillationModule):
                  feature_module: str | None = None, max_generator_steps: int | None = None,
                  critic_t_range: tuple[float, float] | None = (0.0, 1.0), gan_t_range: tuple[float, float] = (0.0, 1.0),
                  head: str = "spatial", regression_weight: float = 0.0, regression_pairs: Any = None,
-                 warmup_steps: int = 0, **kwargs: Any):
+                 warmup_steps: int = 0, ca_weight: float = 1.0, dm_weight: float = 1.0, **kwargs: Any):
         critic = copy.deepcopy(teacher)  # before a LoRA student changes the teacher network
         super().__init__(teacher, sample_shape, **kwargs)
         self.automatic_optimization = False
@@ -112,6 +115,13 @@ class DMD2Distillation(DistillationModule):
         if int(warmup_steps) < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
+        self.ca_weight, self.dm_weight = float(ca_weight), float(dm_weight)
+        if self.ca_weight < 0 or self.dm_weight < 0:
+            raise ValueError(f"ca_weight and dm_weight must be >= 0, got {ca_weight}, {dm_weight}")
+        self.decoupled = (self.ca_weight, self.dm_weight) != (1.0, 1.0)
+        if self.decoupled and divergence != "reverse_kl":
+            raise ValueError("Decoupled DMD (ca_weight / dm_weight) is defined for the reverse-KL direction; "
+                             f"got divergence {divergence!r}")
         self.regression_weight = float(regression_weight)
         if self.regression_weight < 0:
             raise ValueError(f"regression_weight must be >= 0, got {regression_weight}")
@@ -230,8 +240,9 @@ class DMD2Distillation(DistillationModule):
         sigma = self._renoise_sigma(ids, "dmd/t")
         x_t = ms.noise_scaling(sigma, self.randn(ids, "dmd/noise"), x0)
         with torch.no_grad():
-            real_x0 = guided_denoise(self.teacher, x_t.detach(), sigma, self.guidance_scale, self.cond_key,
-                                     self.null, **self.cond(labels))
+            parts = guided_denoise(self.teacher, x_t.detach(), sigma, self.guidance_scale, self.cond_key, self.null,
+                                   return_parts=self.decoupled, **self.cond(labels))
+        real_x0, cond_x0, uncond_x0 = parts if self.decoupled else (parts, None, None)
         logs: dict[str, Tensor] = {}
         with frozen(self.critic, self.head):
             with torch.no_grad():
@@ -240,7 +251,11 @@ class DMD2Distillation(DistillationModule):
             if self.divergence != "reverse_kl":
                 weights = f_divergence_weights(logits, self.divergence, self.batch_mean)
                 logs["f_weight_max"] = weights.max()
-            loss = dmd_loss(x0, real_x0, fake_x0.detach(), weights)
+            if self.decoupled:
+                loss = decoupled_dmd_loss(x0, cond_x0, uncond_x0, fake_x0, self.guidance_scale, self.ca_weight,
+                                          self.dm_weight)
+            else:
+                loss = dmd_loss(x0, real_x0, fake_x0.detach(), weights)
             logs["dmd"] = loss.detach()
             logs["dmd_grad"] = dmd_gradient(x0, real_x0, fake_x0, weights).abs().mean()
             if self.gan_weight > 0:

@@ -149,3 +149,37 @@ def test_dmd2_recipe_builds_a_module():
     with pytest.raises(ValueError, match="init"):
         dmd2_recipe("noise")
     assert math.isclose(dmd2_recipe(gan=False)["gan_weight"], 0.0)
+
+
+def test_decoupled_dmd_matches_its_formula_and_reduces_to_dmd():
+    from fewstep.core.losses.dmd import decoupled_dmd_gradient, decoupled_dmd_loss, dmd_gradient, dmd_loss
+
+    x0 = torch.tensor([[1.0, -1.0]])
+    c, u, f = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.5]]), torch.tensor([[1.0, 1.0]])
+    w = 3.0
+    guided = c + (w - 1) * (c - u)  # [1.5, -1.0]
+    norm = (x0 - guided).abs().mean()  # (0.5 + 0) / 2 = 0.25
+    # dm: f - c = [0.5, 1.0]; ca: -(w - 1)(c - u) = -2 [0.5, -0.5] = [-1, 1]
+    got = decoupled_dmd_gradient(x0, c, u, f, w, ca_weight=0.5, dm_weight=2.0)
+    assert torch.allclose(got, (2.0 * torch.tensor([[0.5, 1.0]]) + 0.5 * torch.tensor([[-1.0, 1.0]])) / 0.25)
+    assert float(norm) == pytest.approx(0.25)
+    torch.manual_seed(0)
+    x0, c, u, f = (torch.randn(3, 1, 4, 4) for _ in range(4))
+    guided = u + w * (c - u)
+    assert torch.allclose(decoupled_dmd_gradient(x0, c, u, f, w), dmd_gradient(x0, guided, f), atol=1e-5)
+    xg = x0.clone().requires_grad_(True)
+    decoupled_dmd_loss(xg, c, u, f, w, 0.3, 1.7).backward()
+    assert torch.allclose(xg.grad, decoupled_dmd_gradient(x0, c, u, f, w, 0.3, 1.7) / x0.numel(), atol=1e-6)
+    assert float(decoupled_dmd_loss(x0, c, u, f, w)) == pytest.approx(float(dmd_loss(x0, guided, f)), rel=1e-5)
+
+
+def test_decoupled_option_in_the_module_keeps_teacher_and_critic_frozen():
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, ca_weight=2.0, dm_weight=0.5)
+    assert m.decoupled
+    loss, _, _ = m.generator_loss(torch.arange(4))
+    loss.backward()
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.critic.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
+    with pytest.raises(ValueError, match="reverse-KL"):
+        _module(ca_weight=2.0, divergence="js")
+    assert not _module(gan_weight=0.0, gan_critic_weight=0.0).decoupled
