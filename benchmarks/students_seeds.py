@@ -29,7 +29,7 @@ def student_setting(name: str, path: str | Path) -> Setting:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--candidate", required=True, help="student safetensors to compare")
+    p.add_argument("--candidate", required=True, nargs="+", help="student safetensors to compare (one or more)")
     p.add_argument("--shipped", default=str(WEIGHTS_DIR / "digits_dmd2_1step.safetensors"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per-class", type=int, default=36)
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         settings = [Setting(f"teacher dpmpp_2m {args.teacher_steps} steps", "dpmpp_2m", args.teacher_steps,
                             cfg=TEACHER_CFG),
-                    student_setting("shipped student", args.shipped), student_setting("candidate", args.candidate)]
+                    student_setting("shipped student", args.shipped)]
+        names = ["candidate"] if len(args.candidate) == 1 else [f"candidate {Path(c).stem}" for c in args.candidate]
+        settings += [student_setting(n, c) for n, c in zip(names, args.candidate)]
         r, images = run_settings(teacher, settings, per_class=args.per_class, seed=seed, progress=False)
         for row in r:
             imgs = images[row["setting"]]
@@ -59,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {row['setting']:28s} FD {row['fd']:.3f} acc {row['accuracy']:.3f} "
                   f"prec {row['precision']:.3f} recall {row['recall']:.3f} div {row['diversity']:.2f}", flush=True)
         rows += r
-        pick = images["candidate"].reshape(10, args.per_class, *images["candidate"].shape[1:])[:, :10]
         out_dir.mkdir(parents=True, exist_ok=True)
-        grid = out_dir / f"{args.name}_grid_seed{seed}.png"
-        tmp = grid.with_name(grid.stem + ".tmp.png")
-        to_uint8_grid(pick.reshape(-1, *pick.shape[2:]), nrow=10).save(tmp)
-        os.replace(tmp, grid)
-    result = {"benchmark": "student_seeds", "candidate": str(args.candidate), "shipped": str(args.shipped),
+        for n in names:
+            pick = images[n].reshape(10, args.per_class, *images[n].shape[1:])[:, :10]
+            tag = "" if len(names) == 1 else "_" + Path(args.candidate[names.index(n)]).stem
+            grid = out_dir / f"{args.name}{tag}_grid_seed{seed}.png"
+            tmp = grid.with_name(grid.stem + ".tmp.png")
+            to_uint8_grid(pick.reshape(-1, *pick.shape[2:]), nrow=10).save(tmp)
+            os.replace(tmp, grid)
+    result = {"benchmark": "student_seeds", "candidate": [str(c) for c in args.candidate], "shipped": str(args.shipped),
               "per_class": args.per_class, "seeds": args.seeds, "rows": rows, "seconds": round(time.time() - t0, 1),
               "machine": machine()}
     path = write_json(result, f"{args.name}.json", args.out)

@@ -105,12 +105,13 @@ class Generator(nn.Module):
     """One-step generator ``z -> x0`` (an MLP with a skip ``sigma_data * z``: it starts spread out, as a generator
     initialised from a reflow student does)."""
 
-    def __init__(self, hidden: int = 128):
+    def __init__(self, hidden: int = 128, skip: float = SIGMA_DATA):
         super().__init__()
         self.net = mlp(2, 2, hidden)
+        self.skip = skip
 
     def forward(self, z: Tensor) -> Tensor:
-        return SIGMA_DATA * z + self.net(z)
+        return self.skip * z + self.net(z)
 
 
 def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: int = 400, critic_ratio: int = 3,
@@ -121,11 +122,11 @@ def train_dmd(gan_weight: float = 0.0, regression_weight: float = 0.0, steps: in
     torch.manual_seed(seed)
     den = teacher()
     gen, fake = Generator(64), EDMNet(64)
-    if collapsed_start:
+    if collapsed_start:  # every noise -> (nearly) the origin: the last layer and the skip start at zero
         with torch.no_grad():
-            for p in gen.net.parameters():
-                p.zero_()
-        gen.forward = lambda z, g=gen: 0.05 * SIGMA_DATA * z + g.net(z)  # type: ignore[method-assign]
+            gen.net[-1].weight.zero_()
+            gen.net[-1].bias.zero_()
+        gen.skip = 0.01
     head = nn.Sequential(nn.SiLU(), nn.Linear(64, 1))
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     opt_c = torch.optim.AdamW(list(fake.parameters()) + list(head.parameters()), lr=1e-3, betas=(0.9, 0.999))
