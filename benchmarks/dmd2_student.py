@@ -48,6 +48,24 @@ def plot_curve(curve: dict, path: Path, title: str = "DMD2 1-step student") -> N
     tmp.replace(path)
 
 
+def publish_curve(work: Path, out_dir: Path, upto: int) -> Path:
+    """Copy the run's curve up to ``upto`` generator updates, with its configuration, to
+    ``out_dir/dmd2_training_curve.json`` and draw it next to it."""
+    curve = json.loads((work / "curve.json").read_text())
+    curve["history"] = [r for r in curve["history"] if r.get("generator_updates", 0) <= upto]
+    curve["config"] = json.loads((work / "config.json").read_text())
+    curve["exported_at_generator_updates"] = upto
+    curve["note"] = ("fixed noise batch of 360 samples (CollapseMonitor, seed 0); diversity = mean within-class "
+                     "feature distance / that of as many real digits")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "dmd2_training_curve.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(curve, indent=1))
+    tmp.replace(path)
+    plot_curve(curve, path.with_suffix(".png"))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="run folder (checkpoints, logs, curve, exported student)")
@@ -68,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-only", metavar="PATH", default=None,
                    help="write the generator of <work>/checkpoints/last.ckpt to PATH (safetensors + JSON) and exit; "
                    "safe while the run goes on")
+    p.add_argument("--curve-to", metavar="DIR", default=None,
+                   help="with --export-only: also write the curve so far as DIR/dmd2_training_curve.json + .png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -119,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         files = module.export(args.export_only)
         print(f"exported the generator after {module.generator_updates} generator updates: "
               f"{', '.join(map(str, files))}")
+        if args.curve_to:
+            publish_curve(work, Path(args.curve_to), module.generator_updates)
         return 0
     monitor = CollapseMonitor(every_n_steps=args.eval_every, per_class=36, path=work / "curve.json",
                               min_recall=0.3, use_ema=False)
