@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-only", metavar="PATH", default=None,
                    help="write the generator of <work>/checkpoints/last.ckpt to PATH (safetensors + JSON) and exit; "
                    "safe while the run goes on")
+    p.add_argument("--ckpt", default=None, help="with --export-only: the checkpoint (default <work>/checkpoints/"
+                   "last.ckpt)")
     p.add_argument("--curve-to", metavar="DIR", default=None,
                    help="with --export-only: also write the curve so far as DIR/dmd2_training_curve.json + .png")
     args = p.parse_args(argv)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                               real_labels=y, batch_size=config["batch_size"], seed=config["seed"],
                               max_generator_steps=args.max_generator_updates, **recipe)
     if args.export_only:
-        ckpt = torch.load(work / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        ckpt = torch.load(args.ckpt or work / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         module.load_state_dict(ckpt["state_dict"])
         module.load_counters(ckpt.get("fewstep", {}).get("counters", {}))
         files = module.export(args.export_only)
