@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate", required=True, nargs="+", help="student safetensors to compare (one or more)")
     p.add_argument("--shipped", default=str(WEIGHTS_DIR / "digits_dmd2_1step.safetensors"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--teacher-seeds", type=int, nargs="*", default=None,
+                   help="seeds on which the teacher is also run (default: every seed; the students cost 1-4 NFE, "
+                   "the teacher 100)")
     p.add_argument("--per-class", type=int, default=36)
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--name", default="dmd2_student_seeds")
@@ -49,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else RESULTS
     for seed in args.seeds:
         settings = [Setting(f"teacher dpmpp_2m {args.teacher_steps} steps", "dpmpp_2m", args.teacher_steps,
-                            cfg=TEACHER_CFG),
-                    student_setting("shipped student", args.shipped)]
+                            cfg=TEACHER_CFG)] if args.teacher_seeds is None or seed in args.teacher_seeds else []
+        settings.append(student_setting("shipped student", args.shipped))
         names = ["candidate"] if len(args.candidate) == 1 else [f"candidate {Path(c).stem}" for c in args.candidate]
         settings += [student_setting(n, c) for n, c in zip(names, args.candidate)]
         r, images = run_settings(teacher, settings, per_class=args.per_class, seed=seed, progress=False)
