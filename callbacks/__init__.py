@@ -2,13 +2,14 @@
 
 Modules: ``DMD2Distillation``, ``ConsistencyDistillation``, ``ReflowDistillation``,
 ``GuidanceAdapterDistillation``. Callbacks: ``StudentEMA``, ``SampleGrid``, ``QualityEval``, ``StudentExport``,
-``DivergenceGuard``; ``SafeCheckpointIO`` (atomic checkpoints, resume falls back to the previous one). Run them
-with a stock ``lightning.Trainer``; see ``callbacks/train_students.py`` for the shipped students of the embedded
-teacher.
+``DivergenceGuard``, ``CollapseMonitor``; ``SafeCheckpointIO`` (atomic checkpoints, resume falls back to the previous
+one). Run them with a stock ``lightning.Trainer``; see ``callbacks/train_students.py`` for the shipped students of
+the embedded teacher.
 """
 
 from .base import DistillationModule, ticker_dataloader
 from .checkpoint_io import SafeCheckpointIO
+from .collapse import CollapseMonitor, CollapseWarning
 from .consistency import ConsistencyDistillation
 from .dmd2 import DMD2Distillation, dmd2_optimizer_steps
 from .ema import StudentEMA
@@ -19,6 +20,7 @@ from .onnx_export import OnnxExport, OnnxExportError
 from .reflow import ReflowDistillation
 
 __all__ = [
+    "CollapseMonitor", "CollapseWarning",
     "ConsistencyDistillation", "DMD2Distillation", "DistillationModule", "DivergenceError", "DivergenceGuard",
     "GuidanceAdapterDistillation", "QualityEval", "ReflowDistillation", "SampleGrid", "StudentEMA", "StudentExport",
     "OnnxExport", "OnnxExportError", "SafeCheckpointIO",

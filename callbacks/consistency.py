@@ -41,6 +41,9 @@ class ConsistencyDistillation(DistillationModule):
         target_ema: EMA decay of the target network (0 = stop-gradient online student).
         adapter_rank: rank of the guidance-scale adapter of a w-conditioned student.
         eval_guidance: the scale used by ``sampling_plan`` for a w-conditioned student.
+        segment_weights: relative probability of training on each segment, lowest-noise segment first (default:
+            levels uniform over the grid, i.e. equal weights). On the digits teacher the last segment (to sigma 0)
+            holds the whole gap of the 4-step student (issue 13): ``(3, 1, 1, 1)`` spends half the batches there.
     """
 
     method = "consistency"
@@ -48,7 +51,8 @@ class ConsistencyDistillation(DistillationModule):
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], real_data: Tensor,
                  real_labels: Tensor | None = None, guidance: float | Sequence[float] = 2.0, segments: int = 4,
                  num_grid: int = 48, skip: int = 1, distance: str = "huber", huber_c: float | None = None,
-                 target_ema: float = 0.0, adapter_rank: int = 4, eval_guidance: float | None = None, **kwargs: Any):
+                 target_ema: float = 0.0, adapter_rank: int = 4, eval_guidance: float | None = None,
+                 segment_weights: Sequence[float] | None = None, **kwargs: Any):
         super().__init__(teacher, sample_shape, **kwargs)
         self.guidance_range = check_guidance_range(guidance)
         self._check_cfg(self.guidance_range)
@@ -57,6 +61,13 @@ class ConsistencyDistillation(DistillationModule):
         if not 1 <= int(skip) <= self.num_grid // self.segments:
             raise ValueError(f"skip must be in [1, {self.num_grid // self.segments}], got {skip}")
         self.skip = int(skip)
+        self.segment_probs = None
+        if segment_weights is not None:
+            sw = torch.as_tensor(list(segment_weights), dtype=torch.float64)
+            if sw.shape != (self.segments,) or (sw < 0).any() or sw.sum() <= 0:
+                raise ValueError(f"segment_weights must be {self.segments} non-negative numbers (one per segment, "
+                                 f"lowest noise first) with a positive sum, got {list(segment_weights)}")
+            self.segment_probs = (sw / sw.sum()).float()
         if distance not in ("huber", "l2"):
             raise ValueError(f"distance must be 'huber' or 'l2', got {distance!r}")
         self.distance, self.huber_c = distance, huber_c
@@ -142,7 +153,7 @@ class ConsistencyDistillation(DistillationModule):
         idx = randint_per_sample(ids, len(self.real_data), "cm/index", self.seed)
         x0 = self.real_data[idx].to(dev)
         labels = self.real_labels[idx].to(dev) if self.real_labels is not None else self.draw_labels(ids)
-        j = 1 + randint_per_sample(ids, self.num_grid, "cm/level", self.seed)
+        j = self.draw_levels(ids)
         end = segment_end_index(j, self.num_grid, self.segments)
         s = torch.maximum(j - self.skip, end)
         grid = self.grid.to(dev)
@@ -157,6 +168,16 @@ class ConsistencyDistillation(DistillationModule):
         student_x0 = self._student_call(x_t, sig_t, labels, w)
         loss = consistency_loss(ms, x_t, sig_t, student_x0, x_s, sig_s, target_x0, sig_e, self.distance, self.huber_c)
         return loss, {"consistency": loss.detach()}
+
+    def draw_levels(self, ids: Tensor) -> Tensor:
+        """Grid levels ``1..num_grid`` of the samples ``ids``: uniform, or a segment drawn with ``segment_weights``
+        and a level uniform inside it."""
+        if self.segment_probs is None:
+            return 1 + randint_per_sample(ids, self.num_grid, "cm/level", self.seed)
+        u = rand_per_sample(ids, 1, "cm/segment", self.seed)[:, 0]
+        seg = torch.searchsorted(self.segment_probs.cumsum(0), u, right=True).clamp(max=self.segments - 1)
+        per = self.num_grid // self.segments
+        return seg * per + 1 + randint_per_sample(ids, per, "cm/level", self.seed)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._update_target()

@@ -6,7 +6,14 @@ generator (the student) is updated once every ``critic_ratio`` batches with the 
 samples), and the critic is updated on every batch with the denoising loss on detached generator samples
 (``fake_score_loss``). Optional GAN classifier on the critic's features (sec. 4.3) trained on real data, and
 optional f-divergence weighting from its logit (f-distill). Multi-step generators (sec. 4.4) are trained at
-their timesteps on states made by their own backward simulation.
+their timesteps on states made by their own backward simulation. Optional DMD regression loss (DMD eq. 9) on
+teacher ODE pairs, and a linear learning-rate warm-up of both optimizers.
+
+Recipe notes (measured on the embedded digits teacher, see ``callbacks.train_students.dmd2_recipe``): a one-step
+generator fed pure noise labelled ``t = 999`` starts as the teacher at ``sigma_max``, which returns nearly the class
+mean for every noise; the distribution-matching gradient then has to create all diversity from scratch and a short
+run collapses (one image per class). Label the input with a lower timestep (``generator_timesteps=[399]``, as
+DMD2's one-step SDXL) or start from a student that already maps noise to images (reflow, or the regression loss).
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from ..core.guidance.scaled import guided_denoise
 from ..core.losses.common import sigma_at_fraction
 from ..core.losses.dmd import (
     DIVERGENCES,
+    decoupled_dmd_loss,
     dmd_gradient,
     dmd_loss,
     f_divergence_weights,
     fake_score_loss,
     gan_discriminator_loss,
     gan_generator_loss,
+    regression_loss,
 )
-from ..core.models.critic import ClassifierHead, FeatureTap, default_feature_module
+from ..core.models.critic import HEADS, FeatureTap, default_feature_module
 from ..core.sampling.schedules import timestep_list
 from .base import DistillationModule, frozen
 
@@ -50,23 +59,42 @@ class DMD2Distillation(DistillationModule):
             ``[999, 749, 499, 249]`` for a multi-step generator (backward simulation).
         critic_ratio: critic updates per generator update (DMD2 uses 5; counted by ``batches_seen``).
         critic_lr: critic learning rate (default ``lr``).
-        t_range: re-noising levels as fractions of the noise range (DMD2: ``[0.02, 0.98]`` of the timesteps).
+        head_lr: learning rate of the GAN head (default ``critic_lr``; a freshly initialised head learns nothing
+            in a few hundred updates at a fine-tuning rate).
+        t_range: re-noising levels of the distribution-matching term as fractions of the noise range (DMD2:
+            ``[0.02, 0.98]`` of the timesteps).
+        critic_t_range: noise levels of the critic's denoising loss (DMD2 trains the fake score on every timestep:
+            ``[0, 1]``).
+        gan_t_range: noise levels at which the GAN head sees real and generated samples (DMD2's diffusion GAN:
+            ``[0, 1]``; low levels make the discriminator's job, and its gradient, about the clean image).
+        head: GAN head on the critic's features: ``"spatial"`` (convolutions on the token grid, as DMD2) or
+            ``"pooled"`` (mean-pooled tokens, the earlier default).
         critic_loss_space: ``"native"`` (the teacher's eps/v parameterisation) or ``"x0"``.
         gan_weight, gan_critic_weight: GAN generator / discriminator loss weights (0 = no GAN head).
         divergence: ``"reverse_kl"`` (DMD), ``"forward_kl"`` or ``"js"`` (f-distill; needs the GAN head).
         real_data, real_labels: real samples (and their classes) for the GAN discriminator.
         feature_module: critic layer whose output feeds the GAN head (default: middle block).
         max_generator_steps: stop training after this many generator updates.
+        regression_weight: weight of DMD's regression loss on ``regression_pairs`` (0 = off).
+        regression_pairs: teacher ODE pairs: a trajectory folder (``core.trajectories``) or a dict with ``noise``
+            (the unit-variance noise the teacher started from), ``endpoint`` (its sample) and ``cond`` (class).
+        warmup_steps: linear learning-rate warm-up over this many updates of each optimizer (DMD2: 500).
+        ca_weight, dm_weight: Decoupled DMD (``core.losses.dmd.decoupled_dmd_gradient``): weights of the
+            CFG-augmentation and distribution-matching parts of the direction (1, 1 = plain DMD with CFG).
     """
 
     method = "dmd2"
 
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], guidance_scale: float = 2.0,
                  generator_timesteps: Sequence[float] | None = None, critic_ratio: int = 5,
-                 critic_lr: float | None = None, t_range: tuple[float, float] = (0.02, 0.98),
+                 critic_lr: float | None = None, head_lr: float | None = None,
+                 t_range: tuple[float, float] = (0.02, 0.98),
                  critic_loss_space: str = "native", gan_weight: float = 0.0, gan_critic_weight: float | None = None,
                  divergence: str = "reverse_kl", real_data: Tensor | None = None, real_labels: Tensor | None = None,
-                 feature_module: str | None = None, max_generator_steps: int | None = None, **kwargs: Any):
+                 feature_module: str | None = None, max_generator_steps: int | None = None,
+                 critic_t_range: tuple[float, float] | None = (0.0, 1.0), gan_t_range: tuple[float, float] = (0.0, 1.0),
+                 head: str = "spatial", regression_weight: float = 0.0, regression_pairs: Any = None,
+                 warmup_steps: int = 0, ca_weight: float = 1.0, dm_weight: float = 1.0, **kwargs: Any):
         critic = copy.deepcopy(teacher)  # before a LoRA student changes the teacher network
         super().__init__(teacher, sample_shape, **kwargs)
         self.automatic_optimization = False
@@ -76,9 +104,33 @@ class DMD2Distillation(DistillationModule):
             raise ValueError(f"critic_ratio must be >= 1, got {critic_ratio}")
         self.critic_ratio = int(critic_ratio)
         self.critic_lr = float(critic_lr if critic_lr is not None else self.lr)
-        if not 0.0 <= t_range[0] < t_range[1] <= 1.0:
-            raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {t_range}")
-        self.t_range = (float(t_range[0]), float(t_range[1]))
+        self.head_lr = float(head_lr if head_lr is not None else self.critic_lr)
+        self.t_range = _check_range(t_range, "t_range")
+        self.critic_t_range = _check_range(critic_t_range if critic_t_range is not None else t_range,
+                                           "critic_t_range")
+        self.gan_t_range = _check_range(gan_t_range, "gan_t_range")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {tuple(HEADS)}, got {head!r}")
+        self.head_kind = head
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.ca_weight, self.dm_weight = float(ca_weight), float(dm_weight)
+        if self.ca_weight < 0 or self.dm_weight < 0:
+            raise ValueError(f"ca_weight and dm_weight must be >= 0, got {ca_weight}, {dm_weight}")
+        self.decoupled = (self.ca_weight, self.dm_weight) != (1.0, 1.0)
+        if self.decoupled and divergence != "reverse_kl":
+            raise ValueError("Decoupled DMD (ca_weight / dm_weight) is defined for the reverse-KL direction; "
+                             f"got divergence {divergence!r}")
+        self.regression_weight = float(regression_weight)
+        if self.regression_weight < 0:
+            raise ValueError(f"regression_weight must be >= 0, got {regression_weight}")
+        self.regression = None
+        if self.regression_weight > 0:
+            if regression_pairs is None:
+                raise ValueError("regression_weight > 0 needs regression_pairs (a trajectory folder or a dict with "
+                                 "noise, endpoint and cond)")
+            self.regression = _regression_pairs(regression_pairs, self.sample_shape)
         if critic_loss_space not in ("native", "x0"):
             raise ValueError(f"critic_loss_space must be 'native' or 'x0', got {critic_loss_space!r}")
         self.critic_loss_space = critic_loss_space
@@ -115,11 +167,12 @@ class DMD2Distillation(DistillationModule):
 
                 probe_output(critic, self.sample_shape, self._probe_cond())
             feats = self.tap.features
-            self.head = ClassifierHead(int(feats.shape[-1] if feats.ndim == 3 else feats.shape[1]))
+            self.head = HEADS[head](int(feats.shape[-1] if feats.ndim == 3 else feats.shape[1]))
         self.max_generator_steps = max_generator_steps
         self.generator_updates = 0
         self.critic_updates = 0
-        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels"], logger=False)
+        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels", "regression_pairs"],
+                                  logger=False)
 
     # ------------------------------------------------------------------------------------------ state
     def counters(self) -> dict[str, int]:
@@ -128,9 +181,15 @@ class DMD2Distillation(DistillationModule):
 
     def configure_optimizers(self):
         gen = torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        cparams = list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        crit = torch.optim.AdamW(cparams, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
-        return [gen, crit]
+        groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "lr": self.head_lr})
+        crit = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
+        if not self.warmup_steps:
+            return [gen, crit]
+        n = self.warmup_steps
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: min(1.0, (step + 1) / n)) for o in (gen, crit)]
+        return [gen, crit], [{"scheduler": sc, "interval": "step"} for sc in scheds]
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
@@ -141,8 +200,8 @@ class DMD2Distillation(DistillationModule):
             return x0
         return self.model_sampling.output_from_denoised(sigma, x0, x)
 
-    def _renoise_sigma(self, ids: Tensor, stream: str) -> Tensor:
-        lo, hi = self.t_range
+    def _renoise_sigma(self, ids: Tensor, stream: str, t_range: tuple[float, float] | None = None) -> Tensor:
+        lo, hi = t_range or self.t_range
         u = rand_per_sample(ids, 1, stream, self.seed, self.device)[:, 0]
         return sigma_at_fraction(self.model_sampling, lo + (hi - lo) * u).to(self.device)
 
@@ -181,27 +240,46 @@ class DMD2Distillation(DistillationModule):
         sigma = self._renoise_sigma(ids, "dmd/t")
         x_t = ms.noise_scaling(sigma, self.randn(ids, "dmd/noise"), x0)
         with torch.no_grad():
-            real_x0 = guided_denoise(self.teacher, x_t.detach(), sigma, self.guidance_scale, self.cond_key,
-                                     self.null, **self.cond(labels))
+            parts = guided_denoise(self.teacher, x_t.detach(), sigma, self.guidance_scale, self.cond_key, self.null,
+                                   return_parts=self.decoupled, **self.cond(labels))
+        real_x0, cond_x0, uncond_x0 = parts if self.decoupled else (parts, None, None)
         logs: dict[str, Tensor] = {}
         with frozen(self.critic, self.head):
-            if self.use_gan:
-                fake_x0, logits = self._critic_forward(x_t, sigma, labels)
-            else:
-                with torch.no_grad():
-                    fake_x0, logits = self._critic_forward(x_t.detach(), sigma, labels)
+            with torch.no_grad():
+                fake_x0, logits = self._critic_forward(x_t.detach(), sigma, labels)
             weights = None
             if self.divergence != "reverse_kl":
                 weights = f_divergence_weights(logits, self.divergence, self.batch_mean)
                 logs["f_weight_max"] = weights.max()
-            loss = dmd_loss(x0, real_x0, fake_x0.detach(), weights)
+            if self.decoupled:
+                loss = decoupled_dmd_loss(x0, cond_x0, uncond_x0, fake_x0, self.guidance_scale, self.ca_weight,
+                                          self.dm_weight)
+            else:
+                loss = dmd_loss(x0, real_x0, fake_x0.detach(), weights)
             logs["dmd"] = loss.detach()
             logs["dmd_grad"] = dmd_gradient(x0, real_x0, fake_x0, weights).abs().mean()
             if self.gan_weight > 0:
-                g = gan_generator_loss(logits)
+                sigma_g = self._renoise_sigma(ids, "gan/t", self.gan_t_range)
+                xg_t = ms.noise_scaling(sigma_g, self.randn(ids, "gan/noise"), x0)
+                _, gan_logits = self._critic_forward(xg_t, sigma_g, labels)
+                g = gan_generator_loss(gan_logits)
                 logs["gan_g"] = g.detach()
                 loss = loss + self.gan_weight * g
+        if self.regression is not None:
+            r = self.regression_term(ids)
+            logs["regression"] = r.detach()
+            loss = loss + self.regression_weight * r
         return loss, x0.detach(), logs
+
+    def regression_term(self, ids: Tensor) -> Tensor:
+        """DMD's regression loss (eq. 9) on one teacher ODE pair per sample of the batch (drawn from its index)."""
+        noise, target, cond = self.regression
+        idx = randint_per_sample(ids, len(noise), "dmd/regression", self.seed)
+        z, y = noise[idx].to(self.device), cond[idx].to(self.device)
+        sig = self.generator_sigmas[:1].to(self.device)
+        x = self.model_sampling.noise_scaling(sig[0], z, torch.zeros_like(z), max_denoise=True)
+        x0 = self.student(x, sig.expand(len(z)), **self.cond(y))
+        return regression_loss(x0, target[idx].to(self.device))
 
     def critic_loss(self, ids: Tensor, x0: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Critic (fake score) denoising loss on generator samples, plus the GAN discriminator loss."""
@@ -212,24 +290,25 @@ class DMD2Distillation(DistillationModule):
                 x_in, sigma_in = self.generator_inputs(ids, labels)
                 x0 = self.student(x_in, sigma_in, **self.cond(labels))
         x0 = x0.detach()
-        sigma = self._renoise_sigma(ids, "critic/t")
+        sigma = self._renoise_sigma(ids, "critic/t", self.critic_t_range)
         x_t = ms.noise_scaling(sigma, self.randn(ids, "critic/noise"), x0)
         logs: dict[str, Tensor] = {}
-        if self.use_gan:
-            idx = randint_per_sample(ids, len(self.real_data), "real/index", self.seed)
-            xr = self.real_data[idx].to(self.device)
-            yr = self.real_labels[idx].to(self.device) if self.real_labels is not None else labels
-            xr_t = ms.noise_scaling(sigma, self.randn(ids, "real/noise"), xr)
-            out, logits = self._critic_forward(torch.cat([x_t, xr_t]), torch.cat([sigma, sigma]),
-                                               torch.cat([labels, yr]))
-            pred, (fake_logits, real_logits) = out[: len(ids)], logits.chunk(2)
-        else:
-            pred, _ = self._critic_forward(x_t, sigma, labels)
+        pred, _ = self._critic_forward(x_t, sigma, labels)
         loss = fake_score_loss(self._native(sigma, pred, x_t), self._native(sigma, x0, x_t))
         logs["critic"] = loss.detach()
         if self.use_gan and self.gan_critic_weight > 0:
+            idx = randint_per_sample(ids, len(self.real_data), "real/index", self.seed)
+            xr = self.real_data[idx].to(self.device)
+            yr = self.real_labels[idx].to(self.device) if self.real_labels is not None else labels
+            sigma_g = self._renoise_sigma(ids, "gan/critic_t", self.gan_t_range)
+            xf_t = ms.noise_scaling(sigma_g, self.randn(ids, "gan/critic_noise"), x0)
+            xr_t = ms.noise_scaling(sigma_g, self.randn(ids, "real/noise"), xr)
+            _, logits = self._critic_forward(torch.cat([xf_t, xr_t]), torch.cat([sigma_g, sigma_g]),
+                                             torch.cat([labels, yr]))
+            fake_logits, real_logits = logits.chunk(2)
             d = gan_discriminator_loss(real_logits, fake_logits)
             logs["gan_d"] = d.detach()
+            logs["gan_d_acc"] = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
             loss = loss + self.gan_critic_weight * d
         return loss, logs
 
@@ -248,6 +327,8 @@ class DMD2Distillation(DistillationModule):
             if self.grad_clip > 0:
                 self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
             opt_g.step()
+            if self.warmup_steps:
+                self.lr_schedulers()[0].step()
             self.generator_updates += 1
             self.student_updates += 1
             logs.update({f"train/{k}": v for k, v in lg.items()})
@@ -259,6 +340,8 @@ class DMD2Distillation(DistillationModule):
         if self.grad_clip > 0:
             self.clip_gradients(opt_c, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt_c.step()
+        if self.warmup_steps:
+            self.lr_schedulers()[1].step()
         self.critic_updates += 1
         self.batches_seen += 1
         logs.update({f"train/{k}": v for k, v in lc.items()})
@@ -273,3 +356,28 @@ class DMD2Distillation(DistillationModule):
         sig = torch.cat([self.generator_sigmas, torch.zeros(1)])
         return {"denoiser": self.student, "sampler": "onestep" if len(self.generator_sigmas) == 1 else "dmd",
                 "sigmas": sig, "extra": {}}
+
+
+def _check_range(r: tuple[float, float], name: str) -> tuple[float, float]:
+    if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
+        raise ValueError(f"{name} must be (lo, hi) with 0 <= lo < hi <= 1 (fractions of the noise range), got {r}")
+    return float(r[0]), float(r[1])
+
+
+def _regression_pairs(pairs: Any, sample_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(noise, endpoint, cond)`` from a trajectory folder or a dict (see ``DMD2Distillation``'s Args)."""
+    from pathlib import Path
+
+    if isinstance(pairs, (str, Path)):
+        from ..core.trajectories import load_trajectories
+
+        pairs, _ = load_trajectories(pairs)
+    missing = [k for k in ("noise", "endpoint", "cond") if k not in pairs]
+    if missing:
+        raise ValueError(f"regression_pairs lack {missing}; give noise, endpoint and cond tensors")
+    noise, target = torch.as_tensor(pairs["noise"]).float(), torch.as_tensor(pairs["endpoint"]).float()
+    cond = torch.as_tensor(pairs["cond"]).long()
+    if tuple(noise.shape[1:]) != sample_shape or noise.shape != target.shape or len(cond) != len(noise):
+        raise ValueError(f"regression_pairs: noise {tuple(noise.shape)}, endpoint {tuple(target.shape)} and cond "
+                         f"{tuple(cond.shape)} must be N samples of shape {sample_shape}")
+    return noise, target, cond

@@ -55,6 +55,42 @@ def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor, weights: Tensor | Non
     return 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
 
 
+def decoupled_dmd_gradient(x0: Tensor, cond_x0: Tensor, uncond_x0: Tensor, fake_x0: Tensor, guidance_scale: float,
+                           ca_weight: float = 1.0, dm_weight: float = 1.0) -> Tensor:
+    """Decoupled DMD (Liu et al. 2025, "Decoupled DMD: CFG Augmentation as the Spear, Distribution Matching as the
+    Shield", eq. 5-6; the recipe behind Z-Image-Turbo): with the guided real score
+    ``D_w = D_c + (w - 1)(D_c - D_u)`` the DMD direction ``D_fake - D_w`` splits into a distribution-matching term
+    ``D_fake - D_c`` and a CFG-augmentation term ``-(w - 1)(D_c - D_u)``, weighted separately:
+
+    ``grad = (dm_weight (D_fake - D_c) - ca_weight (w - 1)(D_c - D_u)) / mean|x0 - D_w|``
+
+    (normalised per sample as ``dmd_gradient``). ``ca_weight = dm_weight = 1`` is ``dmd_gradient`` with ``D_w``.
+    No gradient flows through the result."""
+    with torch.no_grad():
+        x0, c, u, f = (t.detach().float() for t in (x0, cond_x0, uncond_x0, fake_x0))
+        guided = c + (guidance_scale - 1.0) * (c - u)
+        dims = tuple(range(1, x0.ndim))
+        direction = dm_weight * (f - c) - ca_weight * (guidance_scale - 1.0) * (c - u)
+        return torch.nan_to_num(direction / (x0 - guided).abs().mean(dim=dims, keepdim=True))
+
+
+def decoupled_dmd_loss(x0: Tensor, cond_x0: Tensor, uncond_x0: Tensor, fake_x0: Tensor, guidance_scale: float,
+                       ca_weight: float = 1.0, dm_weight: float = 1.0) -> Tensor:
+    """``0.5 * mse(x0, stopgrad(x0 - decoupled_dmd_gradient))``: its gradient w.r.t. ``x0`` is the decoupled
+    direction divided by ``numel`` (as ``dmd_loss``)."""
+    grad = decoupled_dmd_gradient(x0, cond_x0, uncond_x0, fake_x0, guidance_scale, ca_weight, dm_weight)
+    return 0.5 * F.mse_loss(x0.float(), (x0.detach().float() - grad).detach(), reduction="mean")
+
+
+def regression_loss(x0: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """DMD's regression loss (Yin et al. 2024, DMD eq. 9) on teacher ODE pairs: the generator's output for a noise
+    ``z`` against the teacher's deterministic-sampler endpoint from the same ``z``, here as the mean squared
+    error per sample (DMD uses LPIPS), batch mean optionally weighted per sample (not renormalised). It
+    anchors the generator to the teacher's noise-to-image map, so it cannot put every noise of a class
+    onto one image."""
+    return weighted_mean(per_sample_mean((x0.float() - target.detach().float()) ** 2), weights)
+
+
 def fake_score_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """Critic ("fake score") denoising loss on generator samples (DMD eq. 6, DMD2 Alg. 1 line 11): mean squared
     error between the critic's prediction and the target in one parameterisation (x0, or the teacher's native

@@ -3,11 +3,15 @@
 DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation", sec. 4.3) puts its GAN classifier on the
 bottleneck features of the fake-score network; ``FeatureTap`` captures the output of any submodule during a
 forward pass (a forward hook, removed afterwards) and ``ClassifierHead`` turns ``(B, tokens, D)`` or
-``(B, D, H, W)`` features into one logit per sample.
+``(B, D, H, W)`` features into one logit per sample by mean-pooling first; ``SpatialClassifierHead`` keeps the
+layout (tokens back on their square grid) and convolves before it reduces, as DMD2's ``cls_pred_branch``
+(strided convolutions on the bottleneck map down to one logit) does: a mean-pooled head sees which features occur,
+not where.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -71,3 +75,39 @@ class ClassifierHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(pool_features(features).float()).squeeze(-1)
+
+
+def spatial_features(features: Tensor) -> Tensor:
+    """``(B, N, D)`` tokens of a square patch grid -> ``(B, D, h, w)``; ``(B, D, H, W)`` maps as they are."""
+    if features.ndim == 4:
+        return features
+    if features.ndim == 3:
+        b, n, d = features.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} tokens do not form a square grid; use head='pooled'")
+        return features.transpose(1, 2).reshape(b, d, side, side)
+    raise ValueError(f"cannot lay out features of shape {tuple(features.shape)} spatially; use head='pooled'")
+
+
+def _groups(ch: int) -> int:
+    return math.gcd(ch, 32)
+
+
+class SpatialClassifierHead(nn.Module):
+    """Feature map -> conv 3x3 -> GN -> SiLU -> conv 4x4 stride 2 -> GN -> SiLU -> conv 1x1 -> per-location
+    logits, averaged to one logit per sample (DMD2 sec. 4.3: a classifier on the fake-score bottleneck)."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, hidden, 3, 1, 1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 4, 2, 1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(spatial_features(features).float()).mean((1, 2, 3))
+
+
+HEADS = {"pooled": ClassifierHead, "spatial": SpatialClassifierHead}

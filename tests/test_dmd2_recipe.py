@@ -1,0 +1,185 @@
+"""DMD2 recipe options (issue 13): regression loss, spatial GAN head, separate noise ranges, warm-up; each against
+its formula, and gradients only where they belong (teacher frozen, critic untouched by the generator step)."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import distill_tiny as tiny  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_regression_loss_matches_hand_computed_case():
+    from fewstep.core.losses.dmd import regression_loss
+
+    x0 = torch.tensor([[1.0, 2.0], [0.0, -1.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # per sample mean squared error: (1 + 4) / 2 = 2.5 and (1 + 4) / 2 = 2.5; weights (1, 3), batch mean -> 5.0
+    assert float(regression_loss(x0, target).detach()) == pytest.approx(2.5)
+    assert float(regression_loss(x0, target, torch.tensor([1.0, 3.0])).detach()) == pytest.approx(5.0)
+    loss = regression_loss(x0, torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([1.0, 3.0]))
+    # per sample 2.5 and 0.5 -> (1 * 2.5 + 3 * 0.5) / 2 = 2.0
+    assert float(loss.detach()) == pytest.approx(2.0)
+    loss.backward()
+    # d/dx0 of (1/B) sum_i w_i mean_j (x_ij)^2 = 2 w_i x_ij / (B D)
+    expect = 2 * torch.tensor([[1.0], [3.0]]) * x0.detach() / (2 * 2)
+    assert torch.allclose(x0.grad, expect)
+
+
+def test_spatial_head_lays_tokens_on_their_grid_and_sees_position():
+    from fewstep.core.models.critic import ClassifierHead, SpatialClassifierHead, spatial_features
+
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # 2x2 grid of 3-dim tokens
+    grid = spatial_features(tokens)
+    assert grid.shape == (2, 3, 2, 2)
+    assert torch.equal(grid[1, :, 1, 0], tokens[1, 2])  # token 2 = row 1, column 0
+    with pytest.raises(ValueError, match="square grid"):
+        spatial_features(torch.zeros(1, 5, 3))
+    torch.manual_seed(0)
+    feats = torch.randn(3, 16, 8)
+    moved = feats[:, torch.randperm(16)]
+    pooled, spatial = ClassifierHead(8), SpatialClassifierHead(8)
+    assert torch.allclose(pooled(feats), pooled(moved), atol=1e-5)  # mean pooling cannot see where a token is
+    assert not torch.allclose(spatial(feats), spatial(moved), atol=1e-4)
+    assert spatial(feats).shape == (3,)
+
+
+def _module(**over):
+    x, y = tiny.real_data()
+    kw = {"batch_size": 4, "seed": 0, "critic_ratio": 1, "gan_weight": 0.5, "gan_critic_weight": 0.5,
+          "real_data": x, "real_labels": y, "guidance_scale": 2.0, **over}
+    from fewstep.callbacks import DMD2Distillation
+
+    return DMD2Distillation(tiny.tiny_teacher(), tiny.SHAPE, **kw)
+
+
+def _grads(mod):
+    return {n: p.grad for n, p in mod.named_parameters()}
+
+
+def _pairs(n=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"noise": torch.randn(n, *tiny.SHAPE, generator=g), "endpoint": torch.rand(n, *tiny.SHAPE, generator=g),
+            "cond": torch.randint(0, 10, (n,), generator=g)}
+
+
+def test_generator_step_updates_only_the_student_and_critic_step_only_the_critic():
+    m = _module(regression_weight=1.0, regression_pairs=_pairs(), head="spatial")
+    ids = torch.arange(4)
+    loss, _, logs = m.generator_loss(ids)
+    assert {"dmd", "gan_g", "regression"} <= set(logs)
+    loss.backward()
+    assert all(p.grad is None for p in m.teacher.parameters())
+    assert all(p.grad is None for p in m.critic.parameters()) and all(p.grad is None for p in m.head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
+    m.zero_grad(set_to_none=True)
+    for p in m.student.parameters():
+        p.grad = None
+    loss_c, logs_c = m.critic_loss(ids)
+    assert {"critic", "gan_d", "gan_d_acc"} <= set(logs_c)
+    loss_c.backward()
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.student.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.critic.parameters())
+
+
+def test_regression_term_is_mse_to_the_teacher_endpoint_of_the_same_noise():
+    from fewstep.core.distill import randint_per_sample
+
+    pairs = _pairs()
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, regression_weight=2.0, regression_pairs=pairs,
+                generator_timesteps=[399])
+    ids = torch.arange(8, 12)
+    got = m.regression_term(ids)
+    idx = randint_per_sample(ids, len(pairs["noise"]), "dmd/regression", 0)
+    sig = m.generator_sigmas[0]
+    x = pairs["noise"][idx] * torch.sqrt(1 + sig**2)  # pure noise, labelled t = 399 (VP input scaling)
+    with torch.no_grad():
+        x0 = m.student(x, sig.expand(4), class_labels=pairs["cond"][idx])
+    expect = ((x0 - pairs["endpoint"][idx]) ** 2).mean((1, 2, 3)).mean()
+    assert float(got) == pytest.approx(float(expect), rel=1e-5)
+    with pytest.raises(ValueError, match="regression_pairs"):
+        _module(regression_weight=1.0)
+    with pytest.raises(ValueError, match="lack"):
+        _module(regression_weight=1.0, regression_pairs={"noise": pairs["noise"]})
+
+
+def test_noise_ranges_are_separate_and_validated():
+    m = _module(t_range=(0.02, 0.98), critic_t_range=(0.0, 1.0), gan_t_range=(0.0, 0.2))
+    ids = torch.arange(256)
+    ms = m.model_sampling
+    t = lambda rng, stream: ms.timestep(m._renoise_sigma(ids, stream, rng))  # noqa: E731
+    gan_t = t(m.gan_t_range, "gan/t")
+    assert float(gan_t.max()) <= 0.2 * 999 + 1 and float(gan_t.min()) >= 0
+    critic_t = t(m.critic_t_range, "critic/t")
+    assert float(critic_t.min()) < 0.02 * 999 and float(critic_t.max()) > 0.98 * 999
+    dmd_t = t(None, "dmd/t")
+    assert float(dmd_t.min()) >= 0.02 * 999 - 1 and float(dmd_t.max()) <= 0.98 * 999 + 1
+    for bad in ({"gan_t_range": (0.5, 0.2)}, {"critic_t_range": (-0.1, 1.0)}, {"head": "mlp"},
+                {"warmup_steps": -1}):
+        with pytest.raises(ValueError):
+            _module(**bad)
+
+
+def test_warmup_ramps_both_learning_rates_linearly(tmp_path):
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, lr=1e-3, critic_lr=1e-3, warmup_steps=4, critic_ratio=2)
+    tr = tiny.trainer(m, 4)
+    tr.fit(m)
+    opt_g, opt_c = tr.optimizers
+    # 4 batches: 2 generator updates (lr 3/4 of the peak after them), 4 critic updates (peak after 4)
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
+    assert opt_c.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert m.generator_updates == 2 and m.critic_updates == 4
+
+
+def test_dmd2_recipe_builds_a_module():
+    from fewstep.callbacks import DMD2Distillation
+    from fewstep.callbacks.train_students import dmd2_recipe
+
+    kw = dmd2_recipe("teacher")
+    assert kw["betas"] == (0.9, 0.999) and kw["lr"] == kw["critic_lr"] and kw["grad_clip"] == 10.0
+    assert kw["critic_t_range"] == (0.0, 1.0) and kw["gan_weight"] > 0 and kw["head"] == "spatial"
+    x, y = tiny.real_data()
+    m = DMD2Distillation(tiny.tiny_teacher(), tiny.SHAPE, real_data=x, real_labels=y, **kw)
+    assert m.sampling_plan()["sigmas"][0] == pytest.approx(float(m.model_sampling.sigma(torch.tensor(399.0))))
+    with pytest.raises(ValueError, match="init"):
+        dmd2_recipe("noise")
+    assert math.isclose(dmd2_recipe(gan=False)["gan_weight"], 0.0)
+
+
+def test_decoupled_dmd_matches_its_formula_and_reduces_to_dmd():
+    from fewstep.core.losses.dmd import decoupled_dmd_gradient, decoupled_dmd_loss, dmd_gradient, dmd_loss
+
+    x0 = torch.tensor([[1.0, -1.0]])
+    c, u, f = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.5]]), torch.tensor([[1.0, 1.0]])
+    w = 3.0
+    guided = c + (w - 1) * (c - u)  # [1.5, -1.0]
+    norm = (x0 - guided).abs().mean()  # (0.5 + 0) / 2 = 0.25
+    # dm: f - c = [0.5, 1.0]; ca: -(w - 1)(c - u) = -2 [0.5, -0.5] = [-1, 1]
+    got = decoupled_dmd_gradient(x0, c, u, f, w, ca_weight=0.5, dm_weight=2.0)
+    assert torch.allclose(got, (2.0 * torch.tensor([[0.5, 1.0]]) + 0.5 * torch.tensor([[-1.0, 1.0]])) / 0.25)
+    assert float(norm) == pytest.approx(0.25)
+    torch.manual_seed(0)
+    x0, c, u, f = (torch.randn(3, 1, 4, 4) for _ in range(4))
+    guided = u + w * (c - u)
+    assert torch.allclose(decoupled_dmd_gradient(x0, c, u, f, w), dmd_gradient(x0, guided, f), atol=1e-5)
+    xg = x0.clone().requires_grad_(True)
+    decoupled_dmd_loss(xg, c, u, f, w, 0.3, 1.7).backward()
+    assert torch.allclose(xg.grad, decoupled_dmd_gradient(x0, c, u, f, w, 0.3, 1.7) / x0.numel(), atol=1e-6)
+    assert float(decoupled_dmd_loss(x0, c, u, f, w)) == pytest.approx(float(dmd_loss(x0, guided, f)), rel=1e-5)
+
+
+def test_decoupled_option_in_the_module_keeps_teacher_and_critic_frozen():
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, ca_weight=2.0, dm_weight=0.5)
+    assert m.decoupled
+    loss, _, _ = m.generator_loss(torch.arange(4))
+    loss.backward()
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.critic.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
+    with pytest.raises(ValueError, match="reverse-KL"):
+        _module(ca_weight=2.0, divergence="js")
+    assert not _module(gan_weight=0.0, gan_critic_weight=0.0).decoupled
