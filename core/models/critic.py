@@ -96,14 +96,17 @@ def _groups(ch: int) -> int:
 
 class SpatialClassifierHead(nn.Module):
     """Feature map -> conv 3x3 -> GN -> SiLU -> conv 4x4 stride 2 -> GN -> SiLU -> conv 1x1 -> per-location
-    logits, averaged to one logit per sample (DMD2 sec. 4.3: a classifier on the fake-score bottleneck)."""
+    logits, averaged to one logit per sample (DMD2 sec. 4.3: a classifier on the fake-score bottleneck).
+
+    The convolutions before a GroupNorm carry no bias: the norm removes it (with one channel per group, entirely),
+    so its true gradient is 0 and Adam would only turn round-off into steps."""
 
     def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or dim
         self.net = nn.Sequential(
-            nn.Conv2d(dim, hidden, 3, 1, 1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 4, 2, 1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(dim, hidden, 3, 1, 1, bias=False), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 4, 2, 1, bias=False), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU(),
             nn.Conv2d(hidden, 1, 1))
 
     def forward(self, features: Tensor) -> Tensor:
