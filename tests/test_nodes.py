@@ -416,17 +416,17 @@ def test_schedule_search_node_runs_on_the_model_and_caches(cn, digits):
     assert torch.isfinite(out).all()
 
 
-def test_model_fingerprint_follows_weights_and_patches(cn, digits):
-    from fewstep.nodes._comfy import model_fingerprint
+def test_comfy_model_digest_follows_weights_and_patches(cn, digits):
+    from fewstep.nodes._comfy import comfy_model_digest
 
     model = digits[0]
     other = cn.EM.load_digits_model(cn.EM.RANDOM_NAME, seed=1)
-    assert model_fingerprint(model) == model_fingerprint(model.clone())
-    assert model_fingerprint(model) != model_fingerprint(other)
+    assert comfy_model_digest(model) == comfy_model_digest(model.clone())
+    assert comfy_model_digest(model) != comfy_model_digest(other)
     patched = model.clone()
     key = next(iter(patched.model_state_dict()))
     patched.add_patches({key: (torch.zeros_like(patched.model_state_dict()[key]),)}, 0.5)
-    assert model_fingerprint(model) != model_fingerprint(patched)
+    assert comfy_model_digest(model) != comfy_model_digest(patched)
 
 
 def test_embedded_model_works_with_comfyui_easycache(cn, digits):
