@@ -25,7 +25,7 @@ from fewstep.core.export.runtime import OnnxDenoiser, OnnxModelError, generate, 
 from fewstep.core.export.tiny import TINY  # noqa: E402
 from fewstep.core.guidance import CFGDenoiser  # noqa: E402
 from fewstep.core.models import Denoiser, GaussianMixtureDenoiser, toy_mixture  # noqa: E402
-from fewstep.core.models.embedded import build_dit, dit_denoiser, load_teacher  # noqa: E402
+from fewstep.core.models.embedded import load_teacher  # noqa: E402
 from fewstep.core.sampling import get_sampler, get_sigmas, timestep_list  # noqa: E402
 
 DMD_TIMESTEPS = [999, 749, 499, 249]
@@ -47,11 +47,7 @@ def assert_fp32_close(out, ref):
 
 @pytest.fixture(scope="module")
 def teacher():
-    try:
-        return load_teacher()
-    except FileNotFoundError:  # weights not trained yet: the same architecture, seeded
-        torch.manual_seed(0)
-        return dit_denoiser(build_dit().eval().requires_grad_(False))
+    return load_teacher()  # shipped in core/models/weights: a missing file fails
 
 
 @pytest.fixture(scope="module")
