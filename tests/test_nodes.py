@@ -426,11 +426,24 @@ def test_comfy_model_digest_follows_weights_and_patches(cn, digits):
 
 
 def test_embedded_model_works_with_comfyui_easycache(cn, digits):
-    """ComfyUI's own EasyCache (DIFFUSION_MODEL wrapper) runs on the embedded MODEL."""
+    """ComfyUI's own EasyCache (DIFFUSION_MODEL wrapper) runs on the embedded MODEL and really skips: the network's
+    first layer runs fewer times than without the cache, and the sample changes (a reused output, not a rerun)."""
     import comfy_extras.nodes_easycache as easycache
 
     model, pos, neg = digits
-    cached = easycache.EasyCacheNode.execute(model, 0.2, 0.0, 1.0, False)[0]
-    sigmas = cn.cs.BasicScheduler.execute(model, "karras", 8, 1.0)[0]
-    out = _sample(cn, cached, pos, neg, cn.S.FewstepSamplerTeacher.execute("euler")[0], sigmas)
-    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+    calls: list[int] = []
+    hook = model.model.diffusion_model.dit.pos_embed.proj.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sigmas = cn.cs.BasicScheduler.execute(model, "karras", 8, 1.0)[0]
+        sampler = cn.S.FewstepSamplerTeacher.execute("euler")[0]
+        ref = _sample(cn, model, pos, neg, sampler, sigmas)
+        n_ref = len(calls)
+        calls.clear()
+        cached = easycache.EasyCacheNode.execute(model, 0.2, 0.0, 1.0, False)[0]
+        out = _sample(cn, cached, pos, neg, sampler, sigmas)
+        n_cached = len(calls)
+    finally:
+        hook.remove()
+    assert out.shape == ref.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+    assert n_ref >= 8 and 0 < n_cached < n_ref, (n_ref, n_cached)  # uncached: at least one network call per step
+    assert not torch.equal(out, ref)
