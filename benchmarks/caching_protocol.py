@@ -21,7 +21,6 @@ FD moves ~8% between noise seeds, and a cache that drifts can lower FD by adding
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -86,10 +85,6 @@ class BlockCounter:
 
 def baseline_wall(start: float, end: float) -> float:
     return 0.5 * (start + end)
-
-
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def pareto_front(rows: list[dict], cost: str, quality: str, higher_is_better: bool) -> list[str]:

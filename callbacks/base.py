@@ -35,7 +35,7 @@ from ..core.guidance.adapters import DEFAULT_TARGETS
 from ..core.models.lora_format import COMFY_PREFIX, comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora
 from ..core.sampling.samplers import get_sampler
 from ..core.sampling.schedules import check_sigmas
-from .students import copy_student, has_lora, lora_factors, lora_student, merged_state_dict
+from .student_networks import copy_student, has_lora, lora_factors, lora_student, merged_state_dict
 
 
 class _Ticker(IterableDataset):

@@ -164,9 +164,10 @@ def digest(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(model: Any) -> str:
-    """Identify a ComfyUI MODEL by content: architecture, model sampling, a subsample of its weights, the ids of
-    its weight patches (LoRAs) and the names of its wrappers / model-function patches."""
+def comfy_model_digest(model: Any) -> str:
+    """A 16-hex digest identifying a ComfyUI MODEL by content (unlike ``core.cache.model_fingerprint``, which
+    returns ``(name, config_hash)`` of the architecture only): architecture, model sampling, a subsample of its
+    weights, the ids of its weight patches (LoRAs) and the names of its wrappers / model-function patches."""
     base = model.model
     ms = model_sampling_of(model)
     sd = base.diffusion_model.state_dict() if hasattr(base, "diffusion_model") else base.state_dict()
@@ -180,7 +181,7 @@ def model_fingerprint(model: Any) -> str:
     )
 
 
-class ResultCache:
+class LRUResults:
     """A small thread-safe LRU of computed results (schedule searches) keyed by a string."""
 
     def __init__(self, size: int = 32) -> None:

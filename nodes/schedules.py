@@ -22,10 +22,10 @@ from comfy_api.latest import io
 from ..core.sampling import check_sigmas, search_schedule, timestep_list
 from ..core.sampling.samplers import is_flow
 from ._comfy import (
-    ResultCache,
+    LRUResults,
+    comfy_model_digest,
     digest,
     make_guider,
-    model_fingerprint,
     model_label,
     model_sampling_of,
     parse_numbers,
@@ -36,7 +36,7 @@ CATEGORY = "fewstep/schedules"
 SEARCH_SAMPLERS = ("euler", "heun", "dpmpp_2m", "uni_pc")
 
 #: schedule searches done in this process, keyed by model fingerprint + conditioning + settings
-SEARCH_CACHE = ResultCache(size=32)
+SEARCH_CACHE = LRUResults(size=32)
 
 
 def _timestep_range(ms: Any) -> tuple[float, float]:
@@ -144,7 +144,7 @@ class FewstepScheduleSearch(io.ComfyNode):
         settings = dict(sampler=sampler_name, nfe=int(nfe), cfg=float(cfg), seed=int(seed), shape=list(shape),
                         grid_size=int(grid_size), refine_rounds=int(refine_rounds),
                         substeps=int(reference_substeps))
-        key = digest(model_fingerprint(model), positive, negative, settings)
+        key = digest(comfy_model_digest(model), positive, negative, settings)
         hit = SEARCH_CACHE.get(key)
         if hit is None:
             hit = search_for_model(model, positive, negative, **settings)

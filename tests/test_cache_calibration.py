@@ -24,7 +24,7 @@ from fewstep.core.cache import (
 from fewstep.core.cache.calibration import PACKAGE_DIR, calibration_filename
 from fewstep.core.guidance import CFGDenoiser
 from fewstep.core.models import DiscreteVP
-from fewstep.core.models.embedded import TEACHER_FILE, WEIGHTS_DIR, load_teacher
+from fewstep.core.models.embedded import load_teacher
 from fewstep.core.sampling import get_sigmas, sample_dpmpp_2m
 
 diffusers = pytest.importorskip("diffusers")
@@ -150,7 +150,6 @@ def test_calibrate_needs_a_single_evaluation_sampler():
         calibrate(torch.nn.Linear(2, 2), torch.randn(1, 2))
 
 
-@pytest.mark.skipif(not (WEIGHTS_DIR / TEACHER_FILE).exists(), reason="embedded teacher weights not built")
 @torch.no_grad()
 def test_shipped_teacher_calibration_is_found():
     teacher = load_teacher()

@@ -17,13 +17,9 @@ from fewstep.core.evaluate import (
     run_settings,
     timing_note,
 )
-from fewstep.core.models.embedded import TEACHER_FILE, WEIGHTS_DIR, class_labels, load_teacher
-
-HAVE_TEACHER = (WEIGHTS_DIR / TEACHER_FILE).exists()
-needs_teacher = pytest.mark.skipif(not HAVE_TEACHER, reason="teacher weights not trained yet")
+from fewstep.core.models.embedded import class_labels, load_teacher
 
 
-@needs_teacher
 def test_teacher_loads_offline_and_is_deterministic():
     t = load_teacher()
     assert t.model_sampling.prediction == "v"
@@ -35,7 +31,6 @@ def test_teacher_loads_offline_and_is_deterministic():
     assert a.min() >= -1 and a.max() <= 1
 
 
-@needs_teacher
 def test_nfe_is_counted_per_sample_with_cfg():
     t = load_teacher()
     counter = CountingDenoiser(t)
@@ -47,7 +42,6 @@ def test_nfe_is_counted_per_sample_with_cfg():
     assert counter.sample_evals == 3 * len(labels)
 
 
-@needs_teacher
 @pytest.mark.slow
 def test_teacher_beats_noise_and_few_steps_lose_quality():
     t = load_teacher()
@@ -58,7 +52,6 @@ def test_teacher_beats_noise_and_few_steps_lose_quality():
     assert good["fd"] < one["fd"]
 
 
-@needs_teacher
 def test_speedups_are_medians_of_interleaved_repeats_with_nfe_ratio():
     t = load_teacher()
     settings = [Setting("base", "euler", 6, group="teacher euler"), Setting("fast", "euler", 2, group="teacher euler")]
@@ -87,7 +80,6 @@ def test_timing_note_says_when_noisy_and_table_shows_nfe_ratio():
     assert "| setting | NFE | speed-up | NFE ratio |" in table and "| 7.50x | 25.00x |" in table
 
 
-@needs_teacher
 def test_demo_chart_labels_name_each_student_and_setting():
     from fewstep.demo import demo_settings
 
@@ -112,7 +104,6 @@ def test_demo_missing_weights_is_a_clear_error(tmp_path):
         load_teacher(tmp_path / "nope.safetensors")
 
 
-@needs_teacher
 @pytest.mark.slow
 def test_demo_cli_writes_report(tmp_path):
     out = tmp_path / "report"

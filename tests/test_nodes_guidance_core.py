@@ -14,9 +14,6 @@ from fewstep.nodes.digits_dit import DigitsDiTNet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ADAPTER = WEIGHTS_DIR / "digits_agd_adapter.safetensors"
-needs_weights = pytest.mark.skipif(
-    not ADAPTER.exists() or not (WEIGHTS_DIR / "digits_dit_teacher.safetensors").exists(),
-    reason="shipped teacher / adapter not trained yet")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +21,6 @@ def teacher():
     return load_teacher()
 
 
-@needs_weights
 def test_match_weights_accepts_a_port_with_the_same_weights(teacher):
     port = DigitsDiTNet(TEACHER_CONFIG).eval()
     port.load_state_dict(teacher.model.state_dict())
@@ -39,7 +35,6 @@ def test_match_weights_accepts_a_port_with_the_same_weights(teacher):
     # the core AdaptedDenoiser runs through ComfyUI in test_nodes_guidance.py)
 
 
-@needs_weights
 def test_match_weights_refuses_other_weights(teacher):
     other = DigitsDiTNet(TEACHER_CONFIG)  # random init, same architecture
     with pytest.raises(ValueError) as err:

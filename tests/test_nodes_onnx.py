@@ -13,7 +13,6 @@ onnx = pytest.importorskip("onnx")
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_thread")]
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "core" / "models" / "weights"
 STUDENT = "digits_consistency_4step"
 STUDENT_TIMESTEPS = "999,749.25,499.5,249.75"
 
@@ -37,8 +36,6 @@ def cn(comfy_root, tmp_path_factory):
 
 
 def _model(cn, name: str):
-    if name != cn.EM.RANDOM_NAME and not (WEIGHTS / f"{name}.safetensors").exists():
-        name = cn.EM.RANDOM_NAME  # until the shipped weights are trained: same check on untrained weights
     return cn.E.FewstepDigitsModelLoader.execute(name)[0]
 
 

@@ -206,7 +206,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] | set[str] 
     return out
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_onnx_metadata(path: str | Path) -> dict:
     """The fewstep metadata of an ONNX file, read with ``onnx`` (weights not loaded)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -218,7 +218,7 @@ def read_metadata(path: str | Path) -> dict:
 
 def convert_file_to_fp16(src: str | Path, dst: str | Path, external_data: bool | None = None) -> dict:
     """fp16 copy of a fewstep fp32 export (metadata updated to ``precision: fp16``); returns the metadata."""
-    meta = read_metadata(src)
+    meta = read_onnx_metadata(src)
     if meta.get("precision") == "fp16":
         raise ValueError(f"{src} is already fp16")
     model = onnx.load(str(src))

@@ -33,7 +33,6 @@ from ..sampling.samplers import (
 from ..sampling.xp import namespace
 
 F32 = np.float32
-NumpyModelSampling = _ms.ModelSampling
 
 # ------------------------------------------------------------------------------------------ model samplings
 DiscreteVP = functools.partial(_ms.DiscreteVP, xp="numpy")
