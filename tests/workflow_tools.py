@@ -106,7 +106,8 @@ def cache_workflows() -> dict[str, dict]:
     on the whole network (about half the model calls skipped) and First-Block-Cache on its blocks."""
     dpmpp_2m = ("KSamplerSelect", {"sampler_name": "dpmpp_2m"})
     common = {"forecast": "none", "start_percent": 0.0, "end_percent": 1.0, "max_skips": 0, "calibration": "auto"}
-    step = ("FewstepStepCache", "Step cache (EasyCache)", {"method": "easycache", "threshold": 0.2, **common})
+    step = ("FewstepStepCache", "Step cache (EasyCache)",
+            {"method": "easycache", "threshold": 0.2, "cfg_reuse": 0.0, **common})
     block = ("FewstepBlockCache", "Block cache (First-Block-Cache)",
              {"method": "first_block", "threshold": 0.2, "head_blocks": 1, "interval": 2, "delta_blocks": 0,
               "boundary": 0.5, **common})
