@@ -125,9 +125,10 @@ def main(argv: list[str]) -> int:
         rank = t.global_rank
         results[m] = {"state": trained_state(module), "counters": module.counters()}
     if rank == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        torch.save(results, tmp)
-        tmp.replace(out)
+        from fewstep.core.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            torch.save(results, tmp)
     return 0
 
 if __name__ == "__main__":

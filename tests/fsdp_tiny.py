@@ -99,9 +99,10 @@ def main(argv: list[str]) -> int:
         results[f"{m}/lora"] = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),
                                 "placement": placement(module, t)}
     if rank == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        torch.save(results, tmp)
-        tmp.replace(out)
+        from fewstep.core.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            torch.save(results, tmp)
     return 0
 
 
