@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS
@@ -112,8 +113,13 @@ class DistillationModule(L.LightningModule):
         if scale_range != (1.0, 1.0):
             check_null_condition(self.teacher, self.null, self.sample_shape, self.cond_key)
 
+    @override
     def train(self, mode: bool = True) -> DistillationModule:
-        """Keep every network in eval mode (no label dropout: all randomness is per sample)."""
+        """Keep every network in eval mode (no label dropout: all randomness is per sample).
+
+        Args:
+            mode: the train flag (recorded; the networks stay in eval mode).
+        """
         super().train(mode)
         for m in self.children():
             m.eval()
@@ -170,10 +176,14 @@ class DistillationModule(L.LightningModule):
             setattr(self, k, int(v))
 
     # -------------------------------------------------------------------------------------- lightning
+    @override
     def train_dataloader(self) -> DataLoader:
+        """The endless ticker (``ticker_dataloader``): the module draws its own samples from their indices."""
         return ticker_dataloader()
 
+    @override
     def on_fit_start(self) -> None:
+        """Refuse an unbounded run: batches are endless, so ``max_steps``, ``max_time`` or ``max_generator_steps``."""
         # the networks are kept in eval mode on purpose (see ``train``)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         t = self.trainer
@@ -184,22 +194,44 @@ class DistillationModule(L.LightningModule):
             if not timed and not getattr(self, "max_generator_steps", None):
                 raise ValueError("distillation modules draw endless batches: set Trainer(max_steps=...) or max_time")
 
+    @override
     def configure_optimizers(self):
+        """AdamW over the student's trainable parameters (``lr``, ``betas``, ``weight_decay``)."""
         return torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas,
                                  weight_decay=self.weight_decay)
 
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the module's ``grad_clip`` (global norm) unless the Trainer sets its own clipping.
+
+        Args:
+            optimizer: the optimizer about to step.
+            gradient_clip_val: the Trainer's ``gradient_clip_val`` (``None``: the module's ``grad_clip``).
+            gradient_clip_algorithm: the Trainer's algorithm (``"norm"`` or ``"value"``).
+        """
         if gradient_clip_val is None and self.grad_clip > 0:
             gradient_clip_val, gradient_clip_algorithm = self.grad_clip, "norm"
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen teacher out (``checkpoint_state``); save the counters and extra state under ``"fewstep"``.
+
+        Args:
+            checkpoint: the checkpoint about to be written (edited in place).
+        """
         # a sharded checkpoint keeps the teacher's shards: Lightning's distributed load asks for every key
         drop_frozen(checkpoint.get("state_dict", {}), frozen_ptrs(self.teacher) if not self.is_sharded() else set())
         checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the counters and the method's extra state from ``checkpoint["fewstep"]``.
+
+        Args:
+            checkpoint: the loaded checkpoint.
+        """
         state = checkpoint.get("fewstep", {})
         self.load_counters(state.get("counters", {}))
         self.load_extra_state(state)
@@ -211,14 +243,21 @@ class DistillationModule(L.LightningModule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
+        """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module.
+
+        Args:
+            state_dict: the saved state (may lack the frozen teacher's tensors).
+            strict, assign: as in ``nn.Module.load_state_dict``.
+        """
         if self.is_sharded():  # sharded checkpoints hold every key (see on_save_checkpoint)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         full = fill_frozen(state_dict, self.state_dict(), frozen_ptrs(self.teacher))
         return super().load_state_dict(full, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------------------------- sharding (FSDP2)
+    @override
     def configure_model(self) -> None:
         """Under ``FSDP2Strategy`` shard teacher, student and critic (``callbacks.sharding``); else nothing."""
         from .sharding import shard_module
@@ -230,8 +269,15 @@ class DistillationModule(L.LightningModule):
 
         return is_sharded(self)
 
+    @override
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``)."""
+        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``).
+
+        Args:
+            optimizer: the optimizer whose parameters are clipped.
+            gradient_clip_val: the threshold (``None`` or 0: no clipping).
+            gradient_clip_algorithm: ``"norm"`` (``None`` means norm) or ``"value"``.
+        """
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self.is_sharded():
             from .sharding import clip_grad_norm
 
@@ -239,6 +285,7 @@ class DistillationModule(L.LightningModule):
             return
         super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @override
     def on_after_backward(self) -> None:
         """Sharded + automatic optimization: average the gradients of replicated parameters (guidance adapters);
         FSDP averages the sharded ones."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample, sample_scales
 from ..core.guidance.adapters import AdaptedDenoiser, GuidanceAdapter
@@ -179,7 +180,13 @@ class ConsistencyDistillation(DistillationModule):
         per = self.num_grid // self.segments
         return seg * per + 1 + randint_per_sample(ids, per, "cm/level", self.seed)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One consistency update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the consistency samples are drawn from their global indices.
+        """
         self._update_target()
         ids = self.sample_ids()
         loss, logs = self.consistency_step(ids)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ..core.distill import randint_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS, AdaptedDenoiser, GuidanceAdapter
@@ -80,7 +81,13 @@ class GuidanceAdapterDistillation(DistillationModule):
                                           native(sigma, uncond_x0, x), w)
         return loss, {"agd": loss.detach()}
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One guidance-adapter update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the guidance-adapter samples are drawn from their global indices.
+        """
         ids = self.sample_ids()
         loss, logs = self.agd_step(ids)
         self.batches_seen += 1

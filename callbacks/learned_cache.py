@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from ..core.cache.learned import EpochSeededSampler, PairsDataset, ResidualPredictor, predictor_loss, save_predictor
 
@@ -49,17 +50,33 @@ class LearnedCacheModule(L.LightningModule):
         return self.predictor.fit_linear(pairs["h"][:k], pairs["r_c"][:k], pairs["h_c"][:k], pairs["r_t"][:k],
                                          pairs["sigma_t"][:k], pairs["sigma_c"][:k])
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The predictor's relative error on a batch of pairs (``None`` skips the step below ``stop_below``).
+
+        Args:
+            batch: trajectory pairs (``PairsDataset``).
+            batch_idx: unused.
+        """
         loss = predictor_loss(self.predictor, batch)
         self.log("train/rel_err", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["h"].shape[0])
         if float(loss.detach()) < self.hparams.stop_below:
             return None  # already fitted to tolerance on this batch: skip the step
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log the relative error on a validation batch.
+
+        Args:
+            batch: held-out trajectory pairs.
+            batch_idx: unused.
+        """
         self.log("val/rel_err", predictor_loss(self.predictor, batch), on_epoch=True, batch_size=batch["h"].shape[0])
 
+    @override
     def configure_optimizers(self) -> Any:
+        """AdamW, with a cosine learning-rate decay over ``total_steps`` when set."""
         opt = torch.optim.AdamW(self.predictor.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
         if not self.hparams.total_steps:
@@ -84,7 +101,14 @@ class LearnedCacheExport(Callback):
         self.meta = dict(meta or {})
         self.written: Path | None = None
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the predictor (rank 0) when fitting ends.
+
+        Args:
+            trainer: its step and epoch counts go into the metadata.
+            pl_module: holds the fitted ``predictor``.
+        """
         if trainer.is_global_zero:
             meta = {**self.meta, "optimizer_steps": int(trainer.global_step), "epochs": int(trainer.current_epoch)}
             self.written = save_predictor(self.path, pl_module.predictor, self.identity, meta)

@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from ..core.io import atomic_path
 from .ema import ema_weights
@@ -78,12 +79,27 @@ class SampleGrid(Callback):
         _log_image(trainer, f"{self.name}", np.asarray(img), step)
         return path
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Write a grid every ``every_n_steps`` batches.
+
+        Args:
+            trainer: its loggers receive the grid.
+            pl_module: draws the samples (``generate_samples``).
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
         if _due(pl_module, self.every_n_steps):
             self.write(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the final grid unless the last batch wrote it.
+
+        Args:
+            trainer: its loggers receive the grid.
+            pl_module: draws the final samples.
+        """
         step = int(getattr(pl_module, "batches_seen", 0))
         if not self.written or not self.written[-1].stem.endswith(f"{step:06d}"):
             self.write(trainer, pl_module)
@@ -120,18 +136,41 @@ class QualityEval(Callback):
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         return row
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Evaluate every ``every_n_steps`` batches.
+
+        Args:
+            trainer: its loggers receive ``eval/*``.
+            pl_module: draws the evaluated samples.
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
         if _due(pl_module, self.every_n_steps):
             self.evaluate(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate the final student (``at_end``) unless the last batch was evaluated.
+
+        Args:
+            trainer: its loggers receive ``eval/*``.
+            pl_module: draws the final samples.
+        """
         step = int(getattr(pl_module, "batches_seen", 0))
         if self.at_end and (not self.history or self.history[-1]["batches"] != step):
             self.evaluate(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The evaluations so far (saved with the checkpoint)."""
         return {"history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``history`` from a checkpoint.
+
+        Args:
+            state_dict: what ``QualityEval.state_dict`` saved.
+        """
         self.history = list(state_dict.get("history", []))

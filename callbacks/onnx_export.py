@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
+from typing_extensions import override
 
 from .ema import ema_weights, find_ema
 
@@ -83,7 +84,15 @@ class OnnxExport(Callback):
             return self.checkpoint
         return next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the settings against the trainer before fitting starts (EMA callback, monitored checkpoint, module).
+
+        Args:
+            trainer: its callbacks are checked.
+            pl_module: must be a fewstep distillation module.
+            stage: only ``"fit"`` is checked.
+        """
         if stage != "fit":
             return
         if self.weights == "ema" and find_ema(trainer) is None:
@@ -196,7 +205,14 @@ class OnnxExport(Callback):
             log.error("fewstep: could not save the student to %s either: %s", fallback, e)
             return []
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Export on rank 0; if that fails, save the student another way and report where (``on_error``).
+
+        Args:
+            trainer: rank 0 exports; its checkpoints are the fallback.
+            pl_module: the student to export.
+        """
         if trainer.global_rank != 0:
             return
         self.error = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ..core.distill import rand_per_sample, randint_per_sample
 from ..core.guidance.adapters import base_config_hash
@@ -95,7 +96,13 @@ class ReflowDistillation(DistillationModule):
         loss = reflow_loss(pred, x0, t)
         return loss, {"reflow": loss.detach()}
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One reflow update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the reflow samples are drawn from their global indices.
+        """
         ids = self.sample_ids()
         loss, logs = self.reflow_step(ids)
         self.batches_seen += 1
