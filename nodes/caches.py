@@ -80,14 +80,16 @@ def _common_inputs() -> list:
     return [
         io.Combo.Input("forecast", options=list(FORECASTS), default="none",
                        tooltip="What a skipped call returns: 'none' reuses the last computed residual; 'taylor1' / "
-                               "'taylor2' forecast it with TaylorSeer (finite differences of the computed ones)."),
+                               "'taylor2' forecast it with TaylorSeer (finite differences of the computed ones). "
+                               "Core: forecast='reuse' / 'taylor1' / 'taylor2'."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Skipping is allowed from this fraction of the sampling run (ComfyUI's "
                                "percent_to_sigma) ..."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="... until this fraction; outside, every call computes."),
         io.Int.Input("max_skips", default=0, min=0, max=100,
-                     tooltip="Force a full compute after this many skips in a row (0 = no limit)."),
+                     tooltip="Force a full compute after this many skips in a row (0 = no limit). Core: "
+                             "max_consecutive_skips (None = no limit)."),
         io.String.Input("calibration", default="auto",
                         tooltip="Only teacache and magcache read one. 'auto' looks up the connected model's "
                                 "calibration (by its fingerprint) in models/fewstep_cache_calibrations, "
@@ -129,7 +131,8 @@ class FewstepStepCache(io.ComfyNode):
                                tooltip="teacache: calibrated input change (needs a calibration); "
                                        "teacache_uncalibrated: raw relative input change; easycache: input change x "
                                        "measured transformation rate (no calibration); magcache: calibrated "
-                                       "residual-magnitude ratios (needs a calibration)."),
+                                       "residual-magnitude ratios (needs a calibration). Core: "
+                                       "StepCache(indicator=...), teacache_uncalibrated = 'input'."),
                 _threshold_input(0.1),
                 *_common_inputs(),
                 io.Float.Input("cfg_reuse", default=0.0, min=0.0, max=THRESHOLD_MAX, step=0.001, optional=True,
@@ -200,7 +203,8 @@ class FewstepBlockCache(io.ComfyNode):
                                tooltip="first_block: change of the head blocks' residual (First-Block-Cache); "
                                        "teacache: calibrated change of the hidden state entering the cached blocks; "
                                        "easycache: its change x transformation rate; magcache: calibrated magnitude "
-                                       "ratios; delta_dit: recompute the cached blocks every 'interval' calls."),
+                                       "ratios; delta_dit: recompute the cached blocks every 'interval' calls. Core: "
+                                       "FirstBlockCache(indicator=...), delta_dit = DeltaDiTCache."),
                 _threshold_input(0.1),
                 io.Int.Input("head_blocks", default=1, min=1, max=64,
                              tooltip="First-Block-Cache family: blocks that always run before the cached range."),
@@ -208,7 +212,7 @@ class FewstepBlockCache(io.ComfyNode):
                              tooltip="delta_dit: recompute the cached blocks every this many calls (1 = never skip)."),
                 io.Int.Input("delta_blocks", default=0, min=0, max=64,
                              tooltip="delta_dit: number of blocks cached (back blocks early, front blocks late); "
-                                     "0 = half of the blocks."),
+                                     "0 = half of the blocks. Core: DeltaDiTCache(num_blocks=...)."),
                 io.Float.Input("boundary", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="delta_dit: fraction of the run where caching moves from the back blocks to "
                                        "the front blocks."),
@@ -284,9 +288,10 @@ class FewstepCacheCalibrate(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="A typical latent (size and batch of your generations)."),
                 io.Combo.Input("sampler_name", options=list(CALIBRATION_SAMPLERS), default="dpmpp_2m",
                                tooltip="A one-evaluation-per-step sampler, so consecutive calls are consecutive "
-                                       "steps."),
+                                       "steps. Core: calibrate(sampler=...)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip="Scheduler; calibrate with a schedule like the one you sample with."),
+                               tooltip="Scheduler; calibrate with a schedule like the one you sample with. Core: "
+                                       "calibrate(schedule=...)."),
                 io.Int.Input("steps", default=30, min=4, max=200,
                              tooltip="Steps per calibration run (like the step count you sample with)."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1,

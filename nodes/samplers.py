@@ -271,7 +271,8 @@ class FewstepSamplerTeacher(io.ComfyNode):
             inputs=[
                 io.Combo.Input("sampler_name", options=list(TEACHER_SAMPLERS), default="uni_pc",
                                tooltip="euler / heun: Karras et al. 2022; euler_ancestral: stochastic; dpmpp_2m: "
-                                       "DPM-Solver++(2M); uni_pc: UniPC-2 (bh2), good at 5-10 steps."),
+                                       "DPM-Solver++(2M); uni_pc: UniPC-2 (bh2), good at 5-10 steps. Core: "
+                                       "get_sampler(name)."),
             ],
             outputs=[_sampler_output()],
         )
@@ -310,7 +311,8 @@ class FewstepSamplerHybrid(io.ComfyNode):
                                               "reuse the base run's conditioning (same text encoder)."),
                 io.Conditioning.Input("distilled_negative", optional=True,
                                       tooltip="Negative conditioning for the distilled model (only used with "
-                                              "distilled_positive and distilled_cfg != 1)."),
+                                              "distilled_positive and distilled_cfg != 1). Core: distilled_cfg and "
+                                              "the conditionings become sample_hybrid's distilled_extra_args."),
             ],
             outputs=[_sampler_output()],
         )
