@@ -15,7 +15,8 @@ from ..sampling.model_sampling import is_flow
 from ..sampling.schedules import get_sigmas, timestep_list
 from . import metadata as md
 
-__all__ = ["attach_metadata", "conditions_metadata", "guidance_metadata", "inputs_metadata", "sampler_metadata"]
+__all__ = ["attach_metadata", "conditions_metadata", "exporter_versions", "guidance_metadata", "inputs_metadata",
+           "network_metadata", "sampler_metadata"]
 
 _ROLES = {"x_in": "sample", "timestep": "timestep", "guidance_scale": "guidance"}
 
@@ -112,6 +113,20 @@ def exporter_versions(proto: Any) -> dict[str, Any]:
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"fewstep": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset}
+
+
+def network_metadata(*, name: str, inputs: list[dict[str, Any]], output: str, sample_shape: Sequence[int],
+                     dynamic: dict[str, Any], model_sampling: dict[str, Any], sampler: dict[str, Any],
+                     conditions: dict[str, Any], guidance: dict[str, Any] | None, fp16: bool, proto: Any,
+                     notes: list[str], graph: str = "network", **extra: Any) -> dict[str, Any]:
+    """The whole metadata document of a network graph (``core.export.metadata`` documents the fields); ``extra``
+    adds top-level entries (e.g. ``learned_cache``)."""
+    return {
+        "format": md.FORMAT, "version": md.VERSION, "name": name, "graph": graph, "inputs": inputs, "output": output,
+        "sample_shape": list(sample_shape), "dynamic": dynamic, "model_sampling": model_sampling, "sampler": sampler,
+        "conditions": conditions, "guidance": guidance, "precision": "fp16" if fp16 else "fp32",
+        "io_dtype": "float32", "exporter": exporter_versions(proto), "notes": notes, **extra,
+    }
 
 
 def attach_metadata(proto: Any, meta: dict[str, Any], source: str, doc: str) -> None:

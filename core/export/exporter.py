@@ -191,24 +191,12 @@ def export_onnx(
     inputs_meta = describe.inputs_metadata(ex.names, ex.args, guidance_meta["input"] if guidance_meta else None,
                                            flow_map_target)
     null = cfg.null if cfg is not None and cfg.cond_key == "class_labels" else None
-    meta: dict[str, Any] = {
-        "format": describe.md.FORMAT, "version": describe.md.VERSION,
-        "name": name or den.name,
-        "graph": "network",
-        "inputs": inputs_meta,
-        "output": OUTPUT,
-        "sample_shape": list(ex.shape),
-        "dynamic": {"batch": dynamic_batch, "resolution": want_res, "multiple": mult},
-        "model_sampling": ms.config(),
-        "sampler": sampler_meta,
-        "conditions": describe.conditions_metadata(inputs_meta, ex.args, cond_dims, dynamic_batch,
-                                                   class_info(module, null), conditions),
-        "guidance": guidance_meta,
-        "precision": "fp16" if fp16 else "fp32",
-        "io_dtype": "float32",
-        "exporter": describe.exporter_versions(proto),
-        "notes": notes,
-    }
+    meta = describe.network_metadata(
+        name=name or den.name, inputs=inputs_meta, output=OUTPUT, sample_shape=ex.shape,
+        dynamic={"batch": dynamic_batch, "resolution": want_res, "multiple": mult}, model_sampling=ms.config(),
+        sampler=sampler_meta, guidance=guidance_meta, fp16=fp16, proto=proto, notes=notes,
+        conditions=describe.conditions_metadata(inputs_meta, ex.args, cond_dims, dynamic_batch,
+                                                class_info(module, null), conditions))
     describe.attach_metadata(proto, meta, str(path), f"fewstep export of {meta['name']}: network (x_in, timestep, "
                                                      "cond) -> native output")
 
