@@ -107,24 +107,24 @@ def build(arch: str, seed: int = 0, prompts: int = 8) -> Arch:
         pool, null = sdxl_pool(prompts, 32, 16, 4, 8, seed)
         shape = (4, 8, 8)
     elif arch == "flux":
-        net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
-                                               num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                               joint_attention_dim=32, pooled_projection_dim=16,
-                                               axes_dims_rope=(2, 2, 4))
-        pool, null = _text_pool(prompts, 4, 32, 16, seed)
+        net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                               num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+                                               joint_attention_dim=64, pooled_projection_dim=32,
+                                               axes_dims_rope=(4, 4, 8))
+        pool, null = _text_pool(prompts, 4, 64, 32, seed)
         shape = (4, 8, 8)
     elif arch == "sd3":
         net = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
-                                              num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                              joint_attention_dim=32, caption_projection_dim=16,
-                                              pooled_projection_dim=16, pos_embed_max_size=16)
-        pool, null = _text_pool(prompts, 4, 32, 16, seed)
+                                              num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                                              joint_attention_dim=64, caption_projection_dim=64,
+                                              pooled_projection_dim=32, pos_embed_max_size=16)
+        pool, null = _text_pool(prompts, 4, 64, 32, seed)
         shape = (4, 8, 8)
     elif arch == "wan":
-        net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                              in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+        net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
+                                              in_channels=4, out_channels=4, text_dim=64, freq_dim=32, ffn_dim=256,
                                               num_layers=2, rope_max_seq_len=32)
-        pool, null = _text_pool(prompts, 4, 32, None, seed)
+        pool, null = _text_pool(prompts, 4, 64, None, seed)
         shape = (4, 2, 8, 8)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
