@@ -98,3 +98,11 @@ def check_cond_pool(pool: Any, what: str = "cond_pool") -> Cond:
     if not isinstance(pool, Tensor) or pool.ndim < 1 or len(pool) == 0:
         raise ValueError(f"{what} must be a non-empty (N, ...) tensor or a mapping of them, got {type(pool).__name__}")
     return pool.detach().cpu()
+
+
+def real_conditions(c: Any) -> Cond:
+    """The conditions of a data set (real samples, teacher pairs): class ids as int64, or a mapping of embeddings;
+    kept on the CPU."""
+    if is_embedding_cond(c):
+        return check_cond_pool(c, "the data's conditions")
+    return torch.as_tensor(c).long().cpu()

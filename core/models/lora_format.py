@@ -64,10 +64,16 @@ def comfy_lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor, float | No
 def comfy_diff_state_dict(deltas: Mapping[str, Tensor], prefix: str = COMFY_PREFIX,
                           dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """ComfyUI "diff" tensors from ``{state-dict key: delta}``: ``*.weight -> <prefix><module>.diff``,
-    ``*.bias -> <prefix><module>.diff_b``; other keys use the generic ``<prefix><key>.diff`` form."""
+    ``*.bias -> <prefix><module>.diff_b``; other keys use the generic ``<prefix><key>.diff`` form (with the kohya
+    prefix only weights and biases, dots as underscores)."""
     out: dict[str, Tensor] = {}
     for key, delta in deltas.items():
         d = delta.detach().to(dtype or delta.dtype).contiguous().cpu()
+        if prefix == KOHYA_UNET_PREFIX:  # module path with "_" for "."; ComfyUI maps weight and bias through it
+            module, _, leaf = key.rpartition(".")
+            if leaf in ("weight", "bias"):
+                out[f"{prefix}{module.replace('.', '_')}.{'diff' if leaf == 'weight' else 'diff_b'}"] = d
+            continue
         if key.endswith(".weight"):
             out[f"{prefix}{key[: -len('.weight')]}.diff"] = d
         elif key.endswith(".bias"):
