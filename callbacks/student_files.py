@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.models.lora_format import COMFY_PREFIX, comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora
+from ..core.models.lora_format import comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora, lora_key_prefix
 from .student_networks import has_lora, lora_factors, merged_state_dict
 
 __all__ = ["write_student_files"]
@@ -22,7 +22,7 @@ __all__ = ["write_student_files"]
 
 @torch.no_grad()
 def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path, meta: dict[str, Any],
-                        lora_prefix: str = COMFY_PREFIX, dare_p: float = 0.0, dare_seed: int = 1,
+                        lora_prefix: str | None = None, dare_p: float = 0.0, dare_seed: int = 1,
                         write_delta: bool = False, sharded: bool = False, rank: int = 0) -> list[Path]:
     """Write the student network ``net`` (see the module docstring). Returns the written files.
 
@@ -31,7 +31,8 @@ def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path
         teacher_net: the teacher's network (the base of the delta file).
         path: the ``.safetensors`` file of the full weights.
         meta: the sidecar metadata (``DistillationModule.export_metadata``).
-        lora_prefix: key prefix of the ComfyUI LoRA / diff files.
+        lora_prefix: key prefix of the ComfyUI LoRA / diff files (default ``lora_key_prefix(net)``: the kohya
+            form for a diffusers UNet, ComfyUI's generic form otherwise).
         dare_p, dare_seed: DARE drop probability (0 = off) and seed.
         write_delta: also write ``student - teacher`` as a ComfyUI "diff" file.
         sharded: ``net`` is FSDP2-sharded: every process gathers the full tensors, rank 0 writes them.
@@ -40,6 +41,7 @@ def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lora = has_lora(net)
+    lora_prefix = lora_prefix or lora_key_prefix(net)
     if sharded:  # FSDP2: every process gathers the full tensors, rank 0 writes them
         if lora:
             raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
