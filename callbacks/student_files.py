@@ -35,27 +35,33 @@ def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path
             form for a diffusers UNet, ComfyUI's generic form otherwise).
         dare_p, dare_seed: DARE drop probability (0 = off) and seed.
         write_delta: also write ``student - teacher`` as a ComfyUI "diff" file.
-        sharded: ``net`` is FSDP2-sharded: every process gathers the full tensors, rank 0 writes them.
+        sharded: ``net`` is FSDP2-sharded: every process gathers the full tensors (LoRA factors included), rank 0
+            writes them (no delta file for a sharded LoRA student).
         rank: this process's global rank.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lora = has_lora(net)
     lora_prefix = lora_prefix or lora_key_prefix(net)
-    if sharded:  # FSDP2: every process gathers the full tensors, rank 0 writes them
-        if lora:
-            raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
-                                      "one process")
+    if sharded:  # FSDP2: every process gathers the full tensors (a collective), rank 0 writes them
         from .sharding import full_tensor
 
-        state = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+        if lora and write_delta:
+            raise NotImplementedError("the delta file of a sharded LoRA student: save a checkpoint and export it "
+                                      "from one process")
+        full = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+        gathered = {n: (full_tensor(d).clone(), full_tensor(u).clone(), a) for n, (d, u, a) in
+                    (lora_factors(net).items() if lora else ())}
         if rank != 0:
             return []
-        return [_save_atomic(state, path, meta)]
-    state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if not lora:
+            return [_save_atomic(full, path, meta)]
+        state = _merge_lora(full, gathered)
+    else:
+        state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
     written = [_save_atomic(state, path, meta)]
     if lora:
-        factors = lora_factors(net)
+        factors = gathered if sharded else lora_factors(net)
         if dare_p > 0:
             factors = {n: dare_lora(d, u, a, dare_p, dare_seed + i) for i, (n, (d, u, a)) in
                        enumerate(sorted(factors.items()))}
@@ -81,3 +87,12 @@ def _save_atomic(state: dict[str, Tensor], path: Path, meta: dict[str, Any]) -> 
     from ..core.io import save_safetensors
 
     return save_safetensors(state, path, meta)
+
+
+def _merge_lora(state: dict[str, Tensor], factors: dict[str, tuple[Tensor, Tensor, float]]) -> dict[str, Tensor]:
+    """``merged_state_dict`` on gathered tensors: peft's wrapped keys back to the network's, LoRA merged in."""
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for name, (down, up, alpha) in factors.items():
+        w = out[f"{name}.weight"]
+        out[f"{name}.weight"] = (w.float() + (alpha / down.shape[0]) * (up.float() @ down.float())).to(w.dtype)
+    return out

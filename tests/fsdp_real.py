@@ -1,6 +1,9 @@
 """DMD2 on a tiny real architecture with text embeddings, under FSDP2 or on one process (not a test module).
 
-    python tests/fsdp_real.py <arch> <out.pt> <devices> [fsdp2|ddp]
+    python tests/fsdp_real.py <arch> <out.pt> <devices> [fsdp2|ddp] [lora]
+
+With ``lora`` the student is a peft LoRA (rank 2) and every process takes part in ``export`` (a collective under
+FSDP2) into ``<out>.export/student.safetensors``.
 
 Used by tests/test_real_archs.py: rank 0 saves the full (gathered) trained tensors and the counters.
 """
@@ -19,13 +22,14 @@ import real_archs as ra  # noqa: E402
 BATCHES = 3
 
 
-def fit(arch: str, devices: int, strategy: str = "fsdp2"):
+def fit(arch: str, devices: int, strategy: str = "fsdp2", lora: bool = False):
     from fewstep.callbacks import DMD2Distillation
     from fewstep.callbacks.sharding import FSDP2Strategy
 
     a = ra.build(arch)
     module = DMD2Distillation(a.teacher, a.shape, guidance_scale=2.0, critic_ratio=2, num_classes=None,
-                              cond_pool=a.pool, null=a.null, batch_size=4, lr=1e-3, seed=0)
+                              cond_pool=a.pool, null=a.null, batch_size=4, lr=1e-3, seed=0,
+                              **({"student": "lora", "lora_rank": 2} if lora else {}))
     strat = (FSDP2Strategy() if strategy == "fsdp2" else strategy) if devices > 1 else "auto"
     t = tiny.trainer(module, BATCHES, devices=devices, strategy=strat)
     t.fit(module)
@@ -37,7 +41,10 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     import fsdp_tiny
 
-    t, module = fit(arch, devices, argv[3] if len(argv) > 3 else "fsdp2")
+    lora = len(argv) > 4 and argv[4] == "lora"
+    t, module = fit(arch, devices, argv[3] if len(argv) > 3 else "fsdp2", lora)
+    if lora:
+        module.export(out.with_suffix(".export") / "student.safetensors")
     res = {"state": fsdp_tiny.full_state(module), "counters": module.counters(), "sharded": module.is_sharded()}
     if t.global_rank == 0:
         from fewstep.core.io import atomic_path

@@ -223,3 +223,37 @@ def test_bf16_teacher_on_request():
     with pytest.raises(ValueError, match="teacher_dtype"):
         DMD2Distillation(a.teacher, a.shape, student="lora", num_classes=None, cond_pool=a.pool, null=a.null,
                          teacher_dtype="bf16")
+
+
+@pytest.mark.slow
+def test_sharded_lora_student_exports_like_one_process(tmp_path):
+    """A LoRA student trained under FSDP2 (2 CPU processes) is exported from the shards: the merged weights and the
+    ComfyUI LoRA file equal those of one process (the tolerance of tests/test_lightning_fsdp.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fsdp_real
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    script = Path(__file__).resolve().parent / "fsdp_real.py"
+    proc = subprocess.run([sys.executable, str(script), "flux", str(out), "2", "fsdp2", "lora"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert torch.load(out, weights_only=False)["sharded"]
+    _, module = fsdp_real.fit("flux", 1, lora=True)
+    single = module.export(tmp_path / "single" / "student.safetensors")
+    names = sorted(p.name for p in single)
+    sharded_dir = out.with_suffix(".export")
+    assert sorted(p.name for p in sharded_dir.glob("*.safetensors")) == names
+    for name in names:
+        a, b = load_file(str(sharded_dir / name)), load_file(str(tmp_path / "single" / name))
+        assert a.keys() == b.keys() and a, name
+        bad = {k: float((a[k] - v).abs().max()) for k, v in b.items()
+               if not torch.allclose(a[k], v, atol=2e-5, rtol=1e-4)}
+        assert not bad, (name, bad)
+    lora = load_file(str(sharded_dir / "student_lora.safetensors"))
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.items())  # it trained
