@@ -149,3 +149,6 @@ def test_train_export_comfyui_onnx_loop(comfy_root, tmp_path):
     d_onnx = float((torch.from_numpy(onnx_x) - core).abs().max()) / scale
     print(f"loop: onnx-core student {d_onnx:.3e}", file=sys.stderr)
     assert d_onnx < REL_TOL, f"the ONNX runtime's student differs from the core student by {d_onnx:.2e}"
+    for big in (onnx_cb.result.path, tmp_path / "student.safetensors",
+                workdir / "models" / "diffusion_models" / "teacher.safetensors"):  # ~240 MB each; pytest keeps tmp dirs
+        Path(big).unlink(missing_ok=True)
