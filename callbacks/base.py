@@ -30,9 +30,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from ..core.conditioning import (
+    Cond,
+    check_cond_pool,
+    cond_index,
+    cond_kwargs,
+    cond_len,
+    cond_to,
+    is_embedding_cond,
+)
 from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS
-from ..core.models.lora_format import COMFY_PREFIX
 from ..core.sampling.samplers import get_sampler
 from ..core.sampling.schedules import check_sigmas
 from . import gradients
@@ -57,6 +65,12 @@ class DistillationModule(L.LightningModule):
         batch_size: the global batch size (split over processes; must be divisible by the world size).
         lr, betas, weight_decay, grad_clip: AdamW settings and gradient-norm clipping (0 disables it).
         num_classes, cond_key, null: conditions (uniform class ids), the teacher's condition argument and null value.
+        teacher_dtype: run the frozen teacher in this dtype (``"bf16"``: half its memory, faster on GPUs); the
+            student (a copy made before the cast, or your module) and the critic keep their float32 weights. Not with
+            a LoRA student or a guidance adapter (they share the teacher's network).
+        cond_pool: conditions drawn per sample from a pool instead of class ids: precomputed text embeddings
+            ``{keyword: (N, ...)}`` (``core.conditioning``; then ``null`` is the mapping of null embeddings,
+            ``num_classes`` is ignored).
         seed: seeds all per-sample randomness.
         unique_samples: cycle over this many sample indices (tiny overfitting problems and tests).
     """
@@ -67,7 +81,8 @@ class DistillationModule(L.LightningModule):
                  lora_rank: int = 8, lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
                  batch_size: int = 32, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, grad_clip: float = 1.0, num_classes: int | None = 10,
-                 cond_key: str = "class_labels", null: Any = 10, seed: int = 0, unique_samples: int | None = None):
+                 cond_key: str = "class_labels", null: Any = 10, seed: int = 0, unique_samples: int | None = None,
+                 cond_pool: Any = None, teacher_dtype: str | torch.dtype | None = None):
         super().__init__()
         if not hasattr(teacher, "model_sampling"):
             raise TypeError("the teacher must be a denoiser with a model_sampling (wrap it with "
@@ -79,6 +94,7 @@ class DistillationModule(L.LightningModule):
         self.lr, self.betas, self.weight_decay, self.grad_clip = float(lr), tuple(betas), float(weight_decay), \
             float(grad_clip)
         self.num_classes, self.cond_key, self.null = num_classes, cond_key, null
+        self.cond_pool = None if cond_pool is None else check_cond_pool(cond_pool)
         self.seed = int(seed)
         self.unique_samples = unique_samples
         teacher.requires_grad_(False).eval()
@@ -94,6 +110,14 @@ class DistillationModule(L.LightningModule):
             stud = None
         else:
             raise ValueError(f"student must be 'copy', 'lora' or a denoiser module, got {student!r}")
+        if teacher_dtype is not None:
+            if not (isinstance(student, nn.Module) or student == "copy"):
+                raise ValueError(f"teacher_dtype={teacher_dtype!r} needs a student with its own weights "
+                                 "(student='copy' or a module); a LoRA student or a guidance adapter shares the "
+                                 "teacher's network")
+            from ..core.models.denoiser import cast_denoiser
+
+            cast_denoiser(teacher, teacher_dtype)
         self.teacher = teacher
         self.student = stud
         self.batches_seen = 0
@@ -105,6 +129,8 @@ class DistillationModule(L.LightningModule):
         return self.teacher.model_sampling
 
     def _probe_cond(self) -> dict[str, Any]:
+        if self.cond_pool is not None:
+            return cond_kwargs(cond_index(self.cond_pool, [0]), self.cond_key)
         if self.num_classes is None:
             return {}
         return {self.cond_key: torch.zeros(1, dtype=torch.long)}
@@ -144,13 +170,18 @@ class DistillationModule(L.LightningModule):
     def randn(self, ids: Tensor, stream: str, shape: Sequence[int] | None = None) -> Tensor:
         return randn_per_sample(ids, shape or self.sample_shape, stream, self.seed, self.device)
 
-    def draw_labels(self, ids: Tensor) -> Tensor:
+    def draw_labels(self, ids: Tensor) -> Cond:
+        """The conditions of the samples ``ids``: rows of ``cond_pool`` (text embeddings) or class ids."""
+        if self.cond_pool is not None:
+            rows = randint_per_sample(ids, cond_len(self.cond_pool), "cond", self.seed)
+            return cond_to(cond_index(self.cond_pool, rows), self.device)
         if self.num_classes is None:
-            raise ValueError("this module needs num_classes (or data with conditions)")
+            raise ValueError("this module needs num_classes, a cond_pool of embeddings, or data with conditions")
         return randint_per_sample(ids, int(self.num_classes), "cond", self.seed, self.device)
 
-    def cond(self, c: Tensor) -> dict[str, Tensor]:
-        return {self.cond_key: c}
+    def cond(self, c: Cond) -> dict[str, Tensor]:
+        """Denoiser keywords of a condition batch (class ids under ``cond_key``, or the embeddings)."""
+        return cond_kwargs(c, self.cond_key)
 
     def batch_mean(self, t: Tensor) -> Tensor:
         """Mean over processes (identity for one process)."""
@@ -311,13 +342,14 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError
 
     @torch.no_grad()
-    def generate_samples(self, labels: Tensor, seed: int = 0) -> Tensor:
-        """Student samples for ``labels`` from seeded noise (the current weights; swap EMA in first if wanted)."""
+    def generate_samples(self, labels: Cond, seed: int = 0) -> Tensor:
+        """Student samples for ``labels`` (class ids or embeddings) from seeded noise (the current weights; swap EMA
+        in first if wanted)."""
         plan = self.sampling_plan()
         ms = plan["denoiser"].model_sampling
         sigmas = check_sigmas(torch.as_tensor(plan["sigmas"], dtype=torch.float32)).to(self.device)
-        labels = torch.as_tensor(labels).to(self.device)
-        ids = torch.arange(len(labels))
+        labels = cond_to(labels if is_embedding_cond(labels) else torch.as_tensor(labels), self.device)
+        ids = torch.arange(cond_len(labels))
         z = randn_per_sample(ids, self.sample_shape, "eval/noise", seed, self.device)
         x = ms.noise_scaling(sigmas[0], z, torch.zeros_like(z), max_denoise=True)
         extra = {**self.cond(labels), **plan.get("extra", {})}
@@ -340,16 +372,18 @@ class DistillationModule(L.LightningModule):
             "model_sampling": self.model_sampling.config(), "sampler": plan["sampler"],
             "sigmas": [float(s) for s in torch.as_tensor(plan["sigmas"]).tolist()], "sampler_extra": extra,
             "student": self.student_kind, "counters": self.counters(), "cond_key": self.cond_key,
-            "null": self.null if not isinstance(self.null, Tensor) else None,
+            "null": self.null if not isinstance(self.null, Tensor) and not is_embedding_cond(self.null) else None,
+            "conditioning": sorted(self.cond_pool) if is_embedding_cond(self.cond_pool) else None,
         }
 
     @torch.no_grad()
-    def export(self, path: str | Path, lora_prefix: str = COMFY_PREFIX, dare_p: float = 0.0, dare_seed: int = 1,
+    def export(self, path: str | Path, lora_prefix: str | None = None, dare_p: float = 0.0, dare_seed: int = 1,
                write_delta: bool = False) -> list[Path]:
         """Write the student with its current weights (swap EMA in first). Returns the written files.
 
         ``<path>``: full network weights (LoRA merged) + ``<path>.json``; for LoRA students also
-        ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``; DARE on rank components if
+        ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``, default ``lora_key_prefix(network)``:
+        the kohya form for a diffusers UNet, ComfyUI's generic form otherwise; DARE on rank components if
         ``dare_p > 0``); with ``write_delta`` a ComfyUI "diff" file of ``student - teacher`` (DARE on entries).
         """
         return write_student_files(self.student_network(), getattr(self.teacher, "model", self.teacher), path,

@@ -22,7 +22,6 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from ..core.models.lora_format import COMFY_PREFIX
 from .ema import ema_weights
 
 
@@ -31,12 +30,13 @@ class StudentExport(Callback):
 
     Args:
         path: the ``.safetensors`` file of the student (siblings ``<stem>_lora.safetensors`` etc.).
-        lora_prefix: key prefix of the ComfyUI LoRA file (``"diffusion_model."`` = ComfyUI's generic form).
+        lora_prefix: key prefix of the ComfyUI LoRA file (``"diffusion_model."`` = ComfyUI's generic form; default:
+            the kohya ``"lora_unet_"`` form for a diffusers UNet, the generic form otherwise).
         dare_p, dare_seed: DARE drop probability (0 = off) and seed for the LoRA / delta files.
         write_delta: also write ``student - teacher`` as a ComfyUI "diff" file (DARE applied if ``dare_p``).
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int | None = None, lora_prefix: str = COMFY_PREFIX,
+    def __init__(self, path: str | Path, every_n_steps: int | None = None, lora_prefix: str | None = None,
                  dare_p: float = 0.0, dare_seed: int = 1, write_delta: bool = False):
         self.path = Path(path)
         self.every_n_steps = every_n_steps

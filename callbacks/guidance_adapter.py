@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_to
 from ..core.distill import randint_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS, AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
@@ -57,7 +58,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         self.student = AdaptedDenoiser(self.teacher, adapter)
         self.student_kind = "guidance_adapter"
         self.eval_guidance = float(eval_guidance if eval_guidance is not None else sum(self.scale_range) / 2)
-        self.save_hyperparameters(ignore=["teacher", "student", "trajectories"], logger=False)
+        self.save_hyperparameters(ignore=["teacher", "student", "trajectories", "cond_pool"], logger=False)
 
     @property
     def adapter(self) -> GuidanceAdapter:
@@ -70,7 +71,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         j = randint_per_sample(ids, self.states.shape[1] - 1, "agd/state", self.seed)  # never the endpoint
         x = self.states[idx, j].to(dev)
         sigma = self.traj_sigmas[j].to(dev)
-        labels = self.traj_cond[idx].to(dev)
+        labels = cond_to(cond_index(self.traj_cond, idx), dev)
         w = self.traj_scale[idx].to(dev)
         with torch.no_grad():
             _, cond_x0, uncond_x0 = guided_denoise(self.teacher, x, sigma, w, self.cond_key, self.null,

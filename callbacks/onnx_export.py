@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_len, is_embedding_cond
 from .ema import ema_weights, find_ema
 
 log = logging.getLogger("fewstep")
@@ -151,7 +152,10 @@ class OnnxExport(Callback):
                               "name": f"{getattr(pl_module.teacher, 'name', 'student')}-{pl_module.method}"}
         num_classes = getattr(pl_module, "num_classes", None)
         cond_key = getattr(pl_module, "cond_key", "class_labels")
-        if num_classes:
+        pool = getattr(pl_module, "cond_pool", None)
+        if is_embedding_cond(pool):  # text embeddings: each keyword becomes a graph input
+            kw["cond"] = dict(cond_index(pool, torch.arange(2) % cond_len(pool)))
+        elif num_classes:
             kw["cond"] = {cond_key: torch.arange(2) % int(num_classes)}
             info: dict[str, Any] = {"num_classes": int(num_classes)}
             null = getattr(pl_module, "null", None)
