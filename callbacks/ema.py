@@ -39,7 +39,9 @@ class StudentEMA(Callback):
         self._swapped: dict[str, Tensor] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint (one per decay: several EMAs can coexist)."""
         return f"StudentEMA[decay={self.decay}]"
 
     def _init(self, pl_module: L.LightningModule) -> None:
