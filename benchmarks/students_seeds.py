@@ -5,6 +5,11 @@ For every seed, in one process: the teacher (DPM-Solver++(2M), 50 steps, CFG 1.2
 method and the candidate, each scored on the embedded benchmark (FD, accuracy, precision, recall) plus the
 within-class diversity of its samples relative to real digits (``core.metrics.diversity``). JSON to
 ``benchmarks/results/<name>.json`` (or ``--out``), with the sample grid of the candidate per seed.
+
+Guidance adapters (AGD, ``digits_agd_adapter.safetensors``) are compared too: each runs on its own copy of the
+teacher at CFG 1 (one pass per step) with its ``eval_guidance``, over ``--adapter-steps`` DPM-Solver++(2M) steps
+(the demo's 8 by default); ``--cfg-steps N`` adds the teacher with two-pass CFG at N steps on every seed (the
+reference an adapter must match at the same step count).
 """
 
 from __future__ import annotations
@@ -21,7 +26,28 @@ from fewstep.core.models.students import load_student
 from .common import RESULTS, machine, write_json
 
 
-def student_setting(name: str, path: str | Path) -> Setting:
+def is_adapter(path: str | Path) -> bool:
+    """Whether ``path`` is a fewstep guidance adapter (else a student network)."""
+    from fewstep.core.models.students import read_metadata
+
+    return read_metadata(path).get("format") == "fewstep-guidance-adapter"
+
+
+def adapter_setting(name: str, path: str | Path, steps: int = 8) -> Setting:
+    """A guidance adapter on its own teacher copy, one pass per step at its ``eval_guidance``: ``steps``
+    DPM-Solver++(2M) steps of the Karras schedule (what the demo runs)."""
+    from fewstep.core.guidance.adapters import AdaptedDenoiser, GuidanceAdapter, adapter_metadata
+
+    meta = adapter_metadata(path)
+    scale = float((meta.get("distillation") or {}).get("eval_guidance", TEACHER_CFG))
+    base = load_teacher()  # a separate copy: the adapter attaches to its network
+    adapter = GuidanceAdapter.load(path, base.model)
+    return Setting(name, "dpmpp_2m", steps, denoiser=AdaptedDenoiser(base, adapter, default_scale=scale))
+
+
+def student_setting(name: str, path: str | Path, adapter_steps: int = 8) -> Setting:
+    if is_adapter(path):
+        return adapter_setting(name, path, adapter_steps)
     student, meta = load_student(path)
     return Setting(name, meta["sampler"], sigmas=meta["sigmas"], denoiser=student,
                    options=dict(meta.get("sampler_extra") or {}))
@@ -37,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                    "the teacher 100)")
     p.add_argument("--per-class", type=int, default=36)
     p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--adapter-steps", type=int, default=8, help="sampling steps of guidance adapters (one pass each)")
+    p.add_argument("--cfg-steps", type=int, default=None,
+                   help="also run the teacher with two-pass CFG at this many steps on every seed")
     p.add_argument("--name", default="dmd2_student_seeds")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS})")
     args = p.parse_args(argv)
@@ -53,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         settings = [Setting(f"teacher dpmpp_2m {args.teacher_steps} steps", "dpmpp_2m", args.teacher_steps,
                             cfg=TEACHER_CFG)] if args.teacher_seeds is None or seed in args.teacher_seeds else []
-        settings.append(student_setting("shipped student", args.shipped))
+        if args.cfg_steps:
+            settings.append(Setting(f"teacher dpmpp_2m {args.cfg_steps} steps", "dpmpp_2m", args.cfg_steps,
+                                    cfg=TEACHER_CFG))
+        settings.append(student_setting("shipped student", args.shipped, args.adapter_steps))
         names = ["candidate"] if len(args.candidate) == 1 else [f"candidate {Path(c).stem}" for c in args.candidate]
-        settings += [student_setting(n, c) for n, c in zip(names, args.candidate)]
+        settings += [student_setting(n, c, args.adapter_steps) for n, c in zip(names, args.candidate)]
         r, images = run_settings(teacher, settings, per_class=args.per_class, seed=seed, progress=False)
         for row in r:
             imgs = images[row["setting"]]

@@ -46,6 +46,12 @@ class ConsistencyDistillation(DistillationModule):
         segment_weights: relative probability of training on each segment, lowest-noise segment first (default:
             levels uniform over the grid, i.e. equal weights). On the digits teacher the last segment (to sigma 0)
             holds the whole gap of the 4-step student (issue 13): ``(3, 1, 1, 1)`` spends half the batches there.
+        teacher_steps: teacher DDIM steps (of ``skip`` grid levels each, stopping at the segment end) from ``x_t``
+            before the target network is asked (1: LCM's single step). With ``teacher_steps >= num_grid /
+            segments / skip`` every target is the teacher's own ODE solution at the segment end: nothing is
+            bootstrapped through the student (multi-step targets, issue 13; costs ``teacher_steps`` guided teacher
+            calls per batch).
+        warmup_steps: linear learning-rate warm-up over this many updates (0: none).
     """
 
     method = "consistency"
@@ -54,7 +60,8 @@ class ConsistencyDistillation(DistillationModule):
                  real_labels: Tensor | None = None, guidance: float | Sequence[float] = 2.0, segments: int = 4,
                  num_grid: int = 48, skip: int = 1, distance: str = "huber", huber_c: float | None = None,
                  target_ema: float = 0.0, adapter_rank: int = 4, eval_guidance: float | None = None,
-                 segment_weights: Sequence[float] | None = None, **kwargs: Any):
+                 segment_weights: Sequence[float] | None = None, teacher_steps: int = 1, warmup_steps: int = 0,
+                 **kwargs: Any):
         super().__init__(teacher, sample_shape, **kwargs)
         self.guidance_range = check_guidance_range(guidance)
         self._check_cfg(self.guidance_range)
@@ -63,6 +70,11 @@ class ConsistencyDistillation(DistillationModule):
         if not 1 <= int(skip) <= self.num_grid // self.segments:
             raise ValueError(f"skip must be in [1, {self.num_grid // self.segments}], got {skip}")
         self.skip = int(skip)
+        if int(teacher_steps) < 1:
+            raise ValueError(f"teacher_steps must be >= 1 (teacher solver steps per target), got {teacher_steps}")
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.teacher_steps, self.warmup_steps = int(teacher_steps), int(warmup_steps)
         self.segment_probs = None
         if segment_weights is not None:
             sw = torch.as_tensor(list(segment_weights), dtype=torch.float64)
@@ -158,19 +170,45 @@ class ConsistencyDistillation(DistillationModule):
             else self.draw_labels(ids)
         j = self.draw_levels(ids)
         end = segment_end_index(j, self.num_grid, self.segments)
-        s = torch.maximum(j - self.skip, end)
         grid = self.grid.to(dev)
-        sig_t, sig_s, sig_e = grid[j.to(dev)], grid[s.to(dev)], grid[end.to(dev)]
+        sig_t, sig_e = grid[j.to(dev)], grid[end.to(dev)]
         x_t = ms.noise_scaling(sig_t, self.randn(ids, "cm/noise"), x0)
         w = sample_scales(rand_per_sample(ids, 1, "cm/w", self.seed, dev)[:, 0], self.guidance_range)
         with torch.no_grad():
-            teacher_x0 = guided_denoise(self.teacher, x_t, sig_t, w, self.cond_key, self.null, **self.cond(labels))
-            x_s = ddim_transfer(ms, x_t, teacher_x0, sig_t, sig_s)
+            x_s, s = self.teacher_solve(x_t, j, end, labels, w)
+            sig_s = grid[s.to(dev)]
             safe_s = torch.where(sig_s > 0, sig_s, grid[1])  # the target at sigma 0 is x_s itself (unused)
             target_x0 = self._target_predict(x_s, safe_s, labels, w)
         student_x0 = self._student_call(x_t, sig_t, labels, w)
         loss = consistency_loss(ms, x_t, sig_t, student_x0, x_s, sig_s, target_x0, sig_e, self.distance, self.huber_c)
         return loss, {"consistency": loss.detach()}
+
+    @torch.no_grad()
+    def teacher_solve(self, x_t: Tensor, j: Tensor, end: Tensor, labels: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``teacher_steps`` guided teacher DDIM steps from grid level ``j`` towards the segment end ``end``
+        (``skip`` levels each, never past ``end``; samples that reached it stop). Returns ``(x_s, s)``."""
+        ms, grid = self.model_sampling, self.grid.to(x_t.device)
+        x, cur = x_t.clone(), j.clone()
+        for _ in range(self.teacher_steps):
+            act = (cur > end).nonzero().flatten()
+            if len(act) == 0:
+                break
+            nxt = torch.maximum(cur[act] - self.skip, end[act])
+            a = act.to(x.device)
+            sig_c, sig_n = grid[cur[act].to(x.device)], grid[nxt.to(x.device)]
+            lab = labels[a] if labels is not None else None
+            x0 = guided_denoise(self.teacher, x[a], sig_c, w[a], self.cond_key, self.null, **self.cond(lab))
+            x[a] = ddim_transfer(ms, x[a], x0, sig_c, sig_n)
+            cur[act] = nxt
+        return x, cur
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        if not self.warmup_steps:
+            return opt
+        n = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / n))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def draw_levels(self, ids: Tensor) -> Tensor:
         """Grid levels ``1..num_grid`` of the samples ``ids``: uniform, or a segment drawn with ``segment_weights``

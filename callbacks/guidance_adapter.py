@@ -22,7 +22,7 @@ from ..core.conditioning import cond_index, cond_to
 from ..core.distill import randint_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS, AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
-from ..core.losses.guidance import guidance_distillation_loss
+from ..core.losses.guidance import SCALE_WEIGHTINGS, guidance_distillation_loss, guidance_scale_weights
 from .base import DistillationModule
 from .reflow import resolve_trajectories
 
@@ -34,14 +34,22 @@ class GuidanceAdapterDistillation(DistillationModule):
         trajectories: a folder from ``generate_trajectories`` with ``save_states=True`` and a range of scales.
         rank, targets, embed_dim, hidden, zero_at_unit_scale: the adapter (``GuidanceAdapter``).
         eval_guidance: the scale used by ``sampling_plan`` (one pass per step).
+        scale_weighting, scale_weight_floor: per-sample loss weights over the scale
+            (``core.losses.guidance.guidance_scale_weights``): ``"none"`` (plain MSE, large ``w`` dominates) or
+            ``"inverse_square"`` (``1 / max(w - 1, floor)^2``: the relative error, equal across scales).
     """
 
     method = "agd"
 
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], trajectories: Any, rank: int = 4,
                  targets: Sequence[str] = DEFAULT_TARGETS, embed_dim: int = 64, hidden: int = 64,
-                 zero_at_unit_scale: bool = True, eval_guidance: float | None = None, **kwargs: Any):
+                 zero_at_unit_scale: bool = True, eval_guidance: float | None = None, scale_weighting: str = "none",
+                 scale_weight_floor: float = 0.1, **kwargs: Any):
         kwargs.pop("student", None)
+        if scale_weighting not in SCALE_WEIGHTINGS:
+            raise ValueError(f"scale_weighting must be one of {SCALE_WEIGHTINGS}, got {scale_weighting!r}")
+        if not scale_weight_floor > 0:
+            raise ValueError(f"scale_weight_floor must be > 0, got {scale_weight_floor}")
         super().__init__(teacher, sample_shape, student=None, **kwargs)
         tensors, manifest = resolve_trajectories(trajectories, self.teacher, self.sample_shape)
         if "states" not in tensors:
@@ -58,6 +66,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         self.student = AdaptedDenoiser(self.teacher, adapter)
         self.student_kind = "guidance_adapter"
         self.eval_guidance = float(eval_guidance if eval_guidance is not None else sum(self.scale_range) / 2)
+        self.scale_weighting, self.scale_weight_floor = scale_weighting, float(scale_weight_floor)
         self.save_hyperparameters(ignore=["teacher", "student", "trajectories", "cond_pool"], logger=False)
 
     @property
@@ -78,8 +87,10 @@ class GuidanceAdapterDistillation(DistillationModule):
                                                    return_parts=True, **self.cond(labels))
         pred_x0 = self.student(x, sigma, guidance_scale=w, **self.cond(labels))
         native = ms.output_from_denoised
+        weights = None if self.scale_weighting == "none" else \
+            guidance_scale_weights(w, self.scale_weighting, self.scale_weight_floor).to(dev)
         loss = guidance_distillation_loss(native(sigma, pred_x0, x), native(sigma, cond_x0, x),
-                                          native(sigma, uncond_x0, x), w)
+                                          native(sigma, uncond_x0, x), w, weights)
         return loss, {"agd": loss.detach()}
 
     @override
@@ -102,7 +113,7 @@ class GuidanceAdapterDistillation(DistillationModule):
 
     def export_metadata(self) -> dict[str, Any]:
         return {**super().export_metadata(), "eval_guidance": self.eval_guidance,
-                "scale_range": list(self.scale_range)}
+                "scale_range": list(self.scale_range), "scale_weighting": self.scale_weighting}
 
     @torch.no_grad()
     def export(self, path: str | Path, **_: Any) -> list[Path]:

@@ -11,6 +11,7 @@ the adapter will meet at inference.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..guidance.cfg import cfg_combine
@@ -31,3 +32,27 @@ def guidance_distillation_loss(pred: Tensor, cond: Tensor, uncond: Tensor, scale
     """
     target = guidance_target(cond, uncond, scale)
     return weighted_mean(per_sample_mean((pred.float() - target.float()) ** 2), weights)
+
+
+#: per-sample weightings of the guidance-distillation loss over the scale ``w`` (``guidance_scale_weights``)
+SCALE_WEIGHTINGS = ("none", "inverse_square")
+
+
+def guidance_scale_weights(scale: Tensor, kind: str = "inverse_square", floor: float = 0.1) -> Tensor:
+    """Per-sample loss weights over the guidance scale: ``"none"`` -> 1, ``"inverse_square"`` ->
+    ``1 / max(w - 1, floor)^2``.
+
+    The CFG target departs from the conditional output by ``(w - 1)(cond - uncond)``, so with plain MSE a batch
+    with ``w`` in ``[1, 4]`` is dominated by its large scales (a residual of the same relative size costs
+    ``(w - 1)^2`` times more) and the small scales used at inference (``w = 1.25``) are barely trained (issue 13).
+    Dividing by ``(w - 1)^2`` makes the loss a *relative* error of the guidance direction, equal across scales;
+    ``floor`` bounds the weight near ``w = 1`` (at most ``1 / floor^2``).
+    """
+    if kind not in SCALE_WEIGHTINGS:
+        raise ValueError(f"scale weighting must be one of {SCALE_WEIGHTINGS}, got {kind!r}")
+    if not floor > 0:
+        raise ValueError(f"the scale-weight floor must be > 0, got {floor}")
+    w = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if kind == "none":
+        return torch.ones_like(w)
+    return 1.0 / (w - 1.0).clamp_min(float(floor)) ** 2
