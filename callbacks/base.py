@@ -20,55 +20,28 @@ What every method shares:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS
-from ..core.models.lora_format import COMFY_PREFIX, comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora
+from ..core.models.lora_format import COMFY_PREFIX
 from ..core.sampling.samplers import get_sampler
 from ..core.sampling.schedules import check_sigmas
-from .student_networks import copy_student, has_lora, lora_factors, lora_student, merged_state_dict
+from . import gradients
+from .checkpoint_state import drop_frozen, fill_frozen, frozen_ptrs
+from .gradients import frozen
+from .student_files import write_student_files
+from .student_networks import copy_student, lora_student
+from .ticker import ticker_dataloader
 
-
-class _Ticker(IterableDataset):
-    """An endless stream of step numbers: distillation modules make their own inputs."""
-
-    def __iter__(self) -> Iterator[int]:
-        i = 0
-        while True:
-            yield i
-            i += 1
-
-
-def ticker_dataloader() -> DataLoader:
-    """The train dataloader of every distillation module (batches are made inside the module)."""
-    return DataLoader(_Ticker(), batch_size=None, num_workers=0)
-
-
-@contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Temporarily set ``requires_grad=False`` on the parameters of ``modules`` (restored afterwards)."""
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    prev = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, r in zip(params, prev):
-            p.requires_grad_(r)
-
-
-def _storage_ptr(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+__all__ = ["DistillationModule", "frozen", "ticker_dataloader"]
 
 
 class DistillationModule(L.LightningModule):
@@ -221,16 +194,9 @@ class DistillationModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
-    def _frozen_ptrs(self) -> set[int]:
-        return {_storage_ptr(t) for t in list(self.teacher.parameters()) + list(self.teacher.buffers())
-                if not t.requires_grad}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a sharded checkpoint keeps the teacher's shards: Lightning's distributed load asks for every key
-        ptrs = self._frozen_ptrs() if not self.is_sharded() else set()
-        sd = checkpoint.get("state_dict", {})
-        for k in [k for k, v in sd.items() if ptrs and isinstance(v, Tensor) and _storage_ptr(v) in ptrs]:
-            del sd[k]
+        drop_frozen(checkpoint.get("state_dict", {}), frozen_ptrs(self.teacher) if not self.is_sharded() else set())
         checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -249,12 +215,7 @@ class DistillationModule(L.LightningModule):
         """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
         if self.is_sharded():  # sharded checkpoints hold every key (see on_save_checkpoint)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        own = self.state_dict()
-        ptrs = self._frozen_ptrs()
-        full = dict(state_dict)
-        for k, v in own.items():
-            if k not in full and _storage_ptr(v) in ptrs:
-                full[k] = v
+        full = fill_frozen(state_dict, self.state_dict(), frozen_ptrs(self.teacher))
         return super().load_state_dict(full, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------------------------- sharding (FSDP2)
@@ -290,34 +251,12 @@ class DistillationModule(L.LightningModule):
     def disable_ddp_reducer(self) -> None:
         """For manual optimization with several backward passes per step: gradients are averaged explicitly
         (``sync_gradients``) instead of by DDP's reducer, which expects one backward per forward."""
-        if self._trainer is None:
-            return
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = self.trainer.strategy.model
-        if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = False
+        gradients.disable_ddp_reducer(self._trainer)
 
     def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """Average the gradients of ``params`` over processes (no-op for one process)."""
         world, _ = self.world()
-        if world == 1:
-            return
-        if self.is_sharded():  # FSDP averaged the sharded gradients; average the replicated ones
-            from .sharding import sync_replicated_gradients
-
-            sync_replicated_gradients(params)
-            return
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = _flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(s)
+        gradients.sync_gradients(params, world, sharded=world > 1 and self.is_sharded())
 
     # ------------------------------------------------------------------------------------- sampling
     def sampling_plan(self) -> dict[str, Any]:
@@ -366,48 +305,7 @@ class DistillationModule(L.LightningModule):
         ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``; DARE on rank components if
         ``dare_p > 0``); with ``write_delta`` a ComfyUI "diff" file of ``student - teacher`` (DARE on entries).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.export_metadata()
-        net = self.student_network()
-        lora = has_lora(net)
-        if self.is_sharded():  # FSDP2: every process gathers the full tensors, rank 0 writes them
-            if lora:
-                raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
-                                          "one process")
-            from .sharding import full_tensor
-
-            state = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
-            if self.world()[1] != 0:
-                return []
-            return [_save_atomic(state, path, meta)]
-        state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
-        written = [_save_atomic(state, path, meta)]
-        if lora:
-            factors = lora_factors(net)
-            if dare_p > 0:
-                factors = {n: dare_lora(d, u, a, dare_p, dare_seed + i) for i, (n, (d, u, a)) in
-                           enumerate(sorted(factors.items()))}
-            lpath = path.with_name(path.stem + "_lora.safetensors")
-            written.append(_save_atomic(comfy_lora_state_dict(factors, lora_prefix), lpath,
-                                        {**meta, "format": "comfyui-lora", "key_prefix": lora_prefix,
-                                         "dare_p": dare_p, "dare_seed": dare_seed}))
-        if write_delta:
-            tnet = getattr(self.teacher, "model", self.teacher)
-            tstate = merged_state_dict(tnet) if lora else tnet.state_dict()
-            deltas = {}
-            for i, (k, v) in enumerate(sorted(state.items())):
-                if k in tstate and v.is_floating_point():
-                    d = v.float() - tstate[k].float()
-                    deltas[k] = dare(d, dare_p, dare_seed + i) if dare_p > 0 else d
-            dpath = path.with_name(path.stem + "_delta.safetensors")
-            written.append(_save_atomic(comfy_diff_state_dict(deltas, lora_prefix), dpath,
-                                        {**meta, "format": "comfyui-diff", "key_prefix": lora_prefix,
-                                         "dare_p": dare_p, "dare_seed": dare_seed}))
-        return written
-
-
-def _save_atomic(state: dict[str, Tensor], path: Path, meta: dict[str, Any]) -> Path:
-    from ..core.io import save_safetensors
-
-    return save_safetensors(state, path, meta)
+        return write_student_files(self.student_network(), getattr(self.teacher, "model", self.teacher), path,
+                                   self.export_metadata(), lora_prefix=lora_prefix, dare_p=dare_p,
+                                   dare_seed=dare_seed, write_delta=write_delta, sharded=self.is_sharded(),
+                                   rank=self.world()[1])

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from ..core.cache import CalibrationError, CalibrationRecorder, fit_calibration, read_calibration, save_calibration
 from ..core.cache.tensors import sigma_value
-from ._comfy import make_guider, model_sampling_of
 from .cache_store import calibration_dirs, model_identity
 from .cache_wrappers import block_layout, branch, call_options, eps_frame, reject_cached
+from .guiders import make_guider
+from .model_info import model_sampling_of
 
 CALIBRATION_SAMPLERS = ("dpmpp_2m", "euler", "euler_ancestral", "lcm")
 

@@ -30,7 +30,8 @@ from ..core.cache import (
     model_fingerprint,
     weights_fingerprint,
 )
-from ._comfy import model_sampling_of, register_model_folder
+from .folders import register_model_folder
+from .model_info import model_sampling_of
 
 CALIBRATION_FOLDER = "fewstep_cache_calibrations"
 CALIBRATE_NODE = "'fewstep cache calibration' (FewstepCacheCalibrate)"

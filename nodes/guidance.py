@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from ..core.guidance.adapters import FORMAT, GuidanceAdapter, adapter_metadata
 from ..core.models.embedded import WEIGHTS_DIR
-from ._comfy import register_model_folder
 from .embedded_model import TEACHER_NAME, DigitsDiT
+from .folders import register_model_folder
 
 CATEGORY = "fewstep/guidance"
 ADAPTER_FOLDER = "fewstep_adapters"

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from ..core.export import metadata as md
 from ..core.models.embedded import TEACHER_CONFIG
-from ._comfy import register_model_folder
 from .embedded_model import COMFY_BETA_SCHEDULE, DigitsDiT, DigitsLatentFormat
+from .folders import register_model_folder
 
 CATEGORY = "fewstep/onnx"
 FOLDER = "fewstep_onnx"

@@ -6,7 +6,7 @@ Two need a little glue, both through ComfyUI's public machinery:
 
 - flow map: the target sigma of each jump travels to the model in ``transformer_options["fewstep_target_sigma"]``
   (where a flow-map model, or a wrapper that feeds it to the model's second time embedding, reads it);
-- hybrid: the second MODEL is evaluated by a nested ``CFGGuider`` run (see ``_comfy.run_in_guider``), so it is
+- hybrid: the second MODEL is evaluated by a nested ``CFGGuider`` run (see ``guiders.run_in_guider``), so it is
   loaded, conditioned, patched and wrapped exactly as ComfyUI samples it.
 
 Noise: every sampler that draws fresh noise (ancestral Euler, LCM, DMD, TCD) draws it from the host's own
@@ -27,7 +27,8 @@ from torch import Tensor
 from ..core.sampling import samplers as core
 from ..core.sampling.model_sampling import is_flow
 from ..core.sampling.registry import names
-from ._comfy import make_guider, model_sampling_of, run_in_guider
+from .guiders import make_guider, run_in_guider
+from .model_info import model_sampling_of
 
 CATEGORY = "fewstep/samplers"
 TARGET_SIGMA_KEY = "fewstep_target_sigma"

@@ -21,16 +21,11 @@ from comfy_api.latest import io
 
 from ..core.sampling import check_sigmas, search_schedule, timestep_list
 from ..core.sampling.samplers import is_flow
-from ._comfy import (
-    LRUResults,
-    comfy_model_digest,
-    digest,
-    make_guider,
-    model_label,
-    model_sampling_of,
-    parse_numbers,
-    run_in_guider,
-)
+from .guiders import make_guider, run_in_guider
+from .hashing import comfy_model_digest, digest
+from .lru import LRUResults
+from .model_info import model_label, model_sampling_of
+from .parsing import parse_numbers
 
 CATEGORY = "fewstep/schedules"
 SEARCH_SAMPLERS = ("euler", "heun", "dpmpp_2m", "uni_pc")

@@ -413,7 +413,7 @@ def test_schedule_search_node_runs_on_the_model_and_caches(cn, digits):
 
 
 def test_comfy_model_digest_follows_weights_and_patches(cn, digits):
-    from fewstep.nodes._comfy import comfy_model_digest
+    from fewstep.nodes.hashing import comfy_model_digest
 
     model = digits[0]
     other = cn.EM.load_digits_model(cn.EM.RANDOM_NAME, seed=1)
