@@ -231,7 +231,7 @@ def test_phased_dmd_matches_each_step_in_its_own_subinterval():
     ids = torch.arange(64)
     sigma_in = sig[torch.arange(64) % 4]
     x0 = torch.randn(64, *tiny.SHAPE)
-    x_t, sigma_t, target = m.phase_renoise(ids, x0, sigma_in, "critic", with_target=True)
+    x_t, sigma_t, target, weight = m.phase_renoise(ids, x0, sigma_in, "critic", with_target=True)
     nxt = torch.cat([sig, torch.zeros(1)])[torch.arange(64) % 4 + 1]
     assert bool((sigma_t <= sigma_in * (1 + 1e-4)).all()) and bool((sigma_t > nxt).all())
     t_in, t_next, t_got = ms.timestep(sigma_in), ms.timestep(nxt.clamp(min=float(ms.sigma_min))), ms.timestep(sigma_t)
@@ -240,6 +240,11 @@ def test_phased_dmd_matches_each_step_in_its_own_subinterval():
     last = torch.arange(64) % 4 == 3
     assert torch.allclose(target[last], x0[last], atol=1e-4)
     assert not torch.allclose(target[~last], x0[~last], atol=1e-2)
+    # loss weight (b / s_t)^2: 1 where the subinterval starts at clean data (b = s_t), in (0, 1) elsewhere
+    assert torch.allclose(weight[last], torch.ones(int(last.sum())), atol=1e-5)
+    assert bool((weight[~last] > 0).all()) and bool((weight[~last] < 1).all())
+    # sample 0 is step 0 (subinterval from sigma_1): variance exploding, b^2 = s_t^2 - sigma_1^2
+    assert float(weight[0]) == pytest.approx(float(1 - sig[1] ** 2 / sigma_t[0] ** 2), rel=1e-4)
     loss, x0g, logs = m.generator_loss(ids[:4])
     loss.backward()
     assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.critic.parameters())
