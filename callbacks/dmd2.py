@@ -297,10 +297,11 @@ class DMD2Distillation(DistillationModule):
         """Phased DMD: the phase output ``x_s`` (``x0`` re-noised to the level after ``sigma_in``; its noise is the
         same for the generator and the critic step of a sample) carried to a level ``t`` of the subinterval
         ``(s, sigma_in]``. Returns ``(x_t, sigma_t)``; with ``with_target`` also the critic's subinterval target and
-        a per-sample loss weight ``(b / s_t)^2`` (``b``: the subinterval kernel's noise): the target's noise grows as
-        ``s_t^2 / b`` near the subinterval's start (unweighted, the critic loss was ~100 against 0.05 for plain
-        DMD2 on the digits); a weight that depends on the levels alone leaves the regression's minimiser, the
-        marginal denoiser, unchanged."""
+        a per-sample loss weight ``1 / (1 + v)`` with ``v = (k^2 s_s^2 / (a_t b))^2`` (``b``: the subinterval kernel's
+        noise), the variance per element of the target's own noise: it is 0 where the subinterval starts at clean
+        data (weight 1) and large early on (unweighted, the critic loss was ~100 against 0.05 for plain DMD2 on the
+        digits). A weight that depends on the levels alone leaves the regression's minimiser, the marginal
+        denoiser, unchanged."""
         ms = self.model_sampling
         sig = self.generator_sigmas.to(sigma_in.device)
         k = (sigma_in.reshape(-1, 1) - sig.reshape(1, -1)).abs().argmin(dim=1)
@@ -318,7 +319,8 @@ class DMD2Distillation(DistillationModule):
         x_t = kk * x_s + b * self.randn(ids, f"{stream}/phase_noise")
         if not with_target:
             return x_t, sigma_t
-        weight = (b / s_t).reshape(-1) ** 2
+        # D* = (k x_s - k^2 s_s^2 n' / b) / a_t given x_s: its noise is k^2 s_s^2 / (a_t b) per element (VE: s_s^2 / b)
+        weight = 1.0 / (1.0 + (kk**2 * s_s**2 / (a_t * b)).reshape(-1) ** 2)
         return x_t, sigma_t, subinterval_denoising_target(x_t, x_s, a_s, s_s, a_t, s_t), weight
 
     def regression_term(self, ids: Tensor) -> Tensor:

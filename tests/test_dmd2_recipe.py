@@ -240,11 +240,12 @@ def test_phased_dmd_matches_each_step_in_its_own_subinterval():
     last = torch.arange(64) % 4 == 3
     assert torch.allclose(target[last], x0[last], atol=1e-4)
     assert not torch.allclose(target[~last], x0[~last], atol=1e-2)
-    # loss weight (b / s_t)^2: 1 where the subinterval starts at clean data (b = s_t), in (0, 1) elsewhere
+    # loss weight 1 / (1 + var of the target's noise): 1 where the subinterval starts at clean data, in (0, 1) elsewhere
     assert torch.allclose(weight[last], torch.ones(int(last.sum())), atol=1e-5)
     assert bool((weight[~last] > 0).all()) and bool((weight[~last] < 1).all())
-    # sample 0 is step 0 (subinterval from sigma_1): variance exploding, b^2 = s_t^2 - sigma_1^2
-    assert float(weight[0]) == pytest.approx(float(1 - sig[1] ** 2 / sigma_t[0] ** 2), rel=1e-4)
+    # sample 0 is step 0 (subinterval from sigma_1), variance exploding: noise s_s^2 / b, b^2 = s_t^2 - sigma_1^2
+    var = sig[1] ** 4 / (sigma_t[0] ** 2 - sig[1] ** 2)
+    assert float(weight[0]) == pytest.approx(float(1 / (1 + var)), rel=1e-3)
     loss, x0g, logs = m.generator_loss(ids[:4])
     loss.backward()
     assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.critic.parameters())
