@@ -8,7 +8,9 @@ teacher at 8 steps.
    samples per digit; the teacher's CFG batch gives cond and uncond rows), the block range ``[1, 5)`` recorded by
    ``core.cache.learned.collect_pairs`` (pairs up to 3 calls apart);
 2. the predictor trained by Lightning (``callbacks.learned_cache.fit_learned_cache``; closed-form start of its linear
-   map, then AdamW), saved as safetensors keyed to the model's fingerprint under ``--out``;
+   map, then AdamW), saved as safetensors keyed to the model's fingerprint under ``--out``; then, per schedule of
+   ``e2e``, fine-tuned end to end on the same training noise (``core.cache.learned.finetune``: the cached sample's
+   distance to the uncached one, gradients through the sampling loop; ``--e2e-iters`` steps) and saved beside it;
 3. scored runs from the same noise (``benchmarks/caching_protocol.py``): uncached (timed at the start and at the
    end), ``LearnedCache`` on fixed skip schedules, the *same schedules with plain reuse* (the untrained, zero-initial
    predictor: First-Block-Cache's reuse on a fixed interval), ``FirstBlockCache`` (First-Block-Cache indicator over a
@@ -54,19 +56,45 @@ def _setup(which: str, cfg: float) -> dict[str, Any]:
         return {"name": "digits_consistency_4step", "den": den, "model": den, "sampler": get_sampler(meta["sampler"]),
                 "sigmas": torch.tensor(meta["sigmas"]), "desc": f"4-step consistency student, {meta['sampler']}, "
                 f"CFG {meta.get('guidance_scale')} distilled in (one batch)",
-                "schedules": [(1, 3), (1, 2), (2, 3), (1, 2, 3), (2,)], "max_gap": 3, "train_per_class": 20}
+                "schedules": [(1, 3), (1, 2), (2, 3), (1, 2, 3), (2,)], "e2e": [(1, 2), (1, 3)], "max_gap": 3,
+                "train_per_class": 20}
     den = load_teacher()
     return {"name": "digits-dit-teacher@8", "den": den, "model": CFGDenoiser(den, cfg, null=NULL_CLASS),
             "sampler": get_sampler("dpmpp_2m"), "sigmas": get_sigmas("karras", den.model_sampling, 8),
             "desc": f"teacher, 8-step dpmpp_2m (karras), CFG {cfg:g} (cond + uncond in one batch)",
-            "schedules": [(1, 3, 5, 7), (2, 4, 6, 7), (1, 3, 5)], "max_gap": 2, "train_per_class": 8}
+            "schedules": [(1, 3, 5, 7), (2, 4, 6, 7), (1, 3, 5)], "e2e": [(2, 4, 6, 7)], "max_gap": 2,
+            "train_per_class": 8}
 
 
 @torch.no_grad()
 def _sample(s: dict, labels, noise) -> torch.Tensor:
+    return _sample_grad(s, labels, noise, s["sampler"])
+
+
+def _sample_grad(s: dict, labels, noise, sampler: Callable[..., torch.Tensor]) -> torch.Tensor:
     den = s["den"]
     x = den.model_sampling.noise_scaling(s["sigmas"][0], noise, torch.zeros_like(noise), max_denoise=True)
-    return s["sampler"](s["model"], x, s["sigmas"], extra_args={"class_labels": labels}, disable=True).clamp(-1, 1)
+    return sampler(s["model"], x, s["sigmas"], extra_args={"class_labels": labels}, disable=True).clamp(-1, 1)
+
+
+def _finetune(s: dict, pred: ResidualPredictor, identity: dict, sch: tuple, tl, tn, iters: int, out_dir: Path,
+              log: Callable[[str], None]) -> tuple[LearnedCache, dict]:
+    """End-to-end fine-tuning (``core.cache.learned.finetune``) of the regression predictor for schedule ``sch`` on
+    the training noise; saved next to the regression predictor."""
+    from fewstep.core.cache.learned.finetune import differentiable, finetune_end_to_end
+    from fewstep.core.cache.learned.store import save_predictor
+
+    fn = differentiable(s["sampler"])
+    start = LearnedCache(pred, sch, head_blocks=HEAD, tail_blocks=TAIL, identity=identity)
+    cache, rec = finetune_end_to_end(start, lambda c: apply_cache(s["model"], c),
+                                     lambda z, c: _sample_grad(s, c["class_labels"], z, fn), tn, {"class_labels": tl},
+                                     iters=iters, batch=24, lr=1e-3, seed=len(sch),
+                                     log=lambda m: log(f"[{s['name']}] skip {list(sch)} {m}"))
+    path = out_dir / f"learned_cache_{s['name'].replace('@', '_')}_e2e_{'-'.join(map(str, sch))}.safetensors"
+    save_predictor(path, cache.predictor, identity, {"head_blocks": HEAD, "tail_blocks": TAIL,
+                                                     "skip_steps": list(sch), **rec})
+    rec["saved"] = str(path)
+    return cache, rec
 
 
 def _rule_settings(steps: int) -> list[tuple[str, str, Callable[[], Any]]]:
@@ -87,7 +115,8 @@ def _rule_settings(steps: int) -> list[tuple[str, str, Callable[[], Any]]]:
 
 
 def model_benchmark(which: str, per_class: int, train_per_class: int, cfg: float, out_dir: Path, repeats: int,
-                    epochs: int, rank: int, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    epochs: int, rank: int, seed: int = 0, log: Callable[[str], None] = print,
+                    e2e_iters: int = 150) -> dict[str, Any]:
     from fewstep.callbacks.learned_cache import LearnedCacheExport, fit_learned_cache
     from fewstep.core.metrics.quality import evaluate_samples
 
@@ -141,6 +170,13 @@ def model_benchmark(which: str, per_class: int, train_per_class: int, cfg: float
         settings.append(("reuse (same schedule)", f"reuse skip {list(sch)}",
                          lambda sch=sch: LearnedCache(ResidualPredictor(pred.dim, 0, False), sch, head_blocks=HEAD,
                                                       tail_blocks=TAIL)))
+    train["e2e"] = {}
+    for sch in s["e2e"] if e2e_iters > 0 else ():
+        cache_e2e, rec = _finetune(s, pred, identity, sch, tl, tn, e2e_iters, out_dir, log)
+        train["e2e"][",".join(map(str, sch))] = rec
+        settings.append(("learned", f"learned+e2e skip {list(sch)}",
+                         lambda c=cache_e2e, sch=sch: LearnedCache(c.predictor, sch, head_blocks=HEAD,
+                                                                   tail_blocks=TAIL)))
     settings += _rule_settings(len(s["sigmas"]) - 1)
 
     base_runs = [run(None) for _ in range(repeats)]
@@ -243,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (fastest kept; the first is scored)")
+    p.add_argument("--e2e-iters", type=int, default=150,
+                   help="end-to-end fine-tuning steps per e2e schedule (core.cache.learned.finetune; 0: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 samples per digit, 2 epochs")
     p.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
@@ -253,11 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     wout = Path(a.weights_out) if a.weights_out else out
     wout.mkdir(parents=True, exist_ok=True)
     if a.quick:
-        a.per_class, a.train_per_class, a.epochs, a.repeats = 2, 2, 2, 1
+        a.per_class, a.train_per_class, a.epochs, a.repeats, a.e2e_iters = 2, 2, 2, 1, min(a.e2e_iters, 2)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "caching_learned", "machine": machine(), "device": "cpu",
                               "models": [model_benchmark(w, a.per_class, a.train_per_class, a.cfg, wout, a.repeats,
-                                                         a.epochs, a.rank) for w in a.models.split(",")]}
+                                                         a.epochs, a.rank, e2e_iters=a.e2e_iters)
+                                         for w in a.models.split(",")]}
     result["command"] = "python -m fewstep.benchmarks.caching_learned " + " ".join(argv if argv is not None else
                                                                                  __import__("sys").argv[1:])
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -28,10 +28,19 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
+from ..core.conditioning import (
+    Cond,
+    check_cond_pool,
+    cond_index,
+    cond_kwargs,
+    cond_len,
+    cond_to,
+    is_embedding_cond,
+)
 from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS
-from ..core.models.lora_format import COMFY_PREFIX
 from ..core.sampling.registry import ANCESTRAL_SAMPLERS
 from ..core.sampling.samplers import default_noise_sampler, get_sampler
 from ..core.sampling.schedules import check_sigmas
@@ -57,6 +66,12 @@ class DistillationModule(L.LightningModule):
         batch_size: the global batch size (split over processes; must be divisible by the world size).
         lr, betas, weight_decay, grad_clip: AdamW settings and gradient-norm clipping (0 disables it).
         num_classes, cond_key, null: conditions (uniform class ids), the teacher's condition argument and null value.
+        teacher_dtype: run the frozen teacher in this dtype (``"bf16"``: half its memory, faster on GPUs); the
+            student (a copy made before the cast, or your module) and the critic keep their float32 weights. Not with
+            a LoRA student or a guidance adapter (they share the teacher's network).
+        cond_pool: conditions drawn per sample from a pool instead of class ids: precomputed text embeddings
+            ``{keyword: (N, ...)}`` (``core.conditioning``; then ``null`` is the mapping of null embeddings,
+            ``num_classes`` is ignored).
         seed: seeds all per-sample randomness.
         unique_samples: cycle over this many sample indices (tiny overfitting problems and tests).
     """
@@ -67,7 +82,8 @@ class DistillationModule(L.LightningModule):
                  lora_rank: int = 8, lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
                  batch_size: int = 32, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, grad_clip: float = 1.0, num_classes: int | None = 10,
-                 cond_key: str = "class_labels", null: Any = 10, seed: int = 0, unique_samples: int | None = None):
+                 cond_key: str = "class_labels", null: Any = 10, seed: int = 0, unique_samples: int | None = None,
+                 cond_pool: Any = None, teacher_dtype: str | torch.dtype | None = None):
         super().__init__()
         if not hasattr(teacher, "model_sampling"):
             raise TypeError("the teacher must be a denoiser with a model_sampling (wrap it with "
@@ -79,6 +95,7 @@ class DistillationModule(L.LightningModule):
         self.lr, self.betas, self.weight_decay, self.grad_clip = float(lr), tuple(betas), float(weight_decay), \
             float(grad_clip)
         self.num_classes, self.cond_key, self.null = num_classes, cond_key, null
+        self.cond_pool = None if cond_pool is None else check_cond_pool(cond_pool)
         self.seed = int(seed)
         self.unique_samples = unique_samples
         teacher.requires_grad_(False).eval()
@@ -94,6 +111,14 @@ class DistillationModule(L.LightningModule):
             stud = None
         else:
             raise ValueError(f"student must be 'copy', 'lora' or a denoiser module, got {student!r}")
+        if teacher_dtype is not None:
+            if not (isinstance(student, nn.Module) or student == "copy"):
+                raise ValueError(f"teacher_dtype={teacher_dtype!r} needs a student with its own weights "
+                                 "(student='copy' or a module); a LoRA student or a guidance adapter shares the "
+                                 "teacher's network")
+            from ..core.models.denoiser import cast_denoiser
+
+            cast_denoiser(teacher, teacher_dtype)
         self.teacher = teacher
         self.student = stud
         self.batches_seen = 0
@@ -105,6 +130,8 @@ class DistillationModule(L.LightningModule):
         return self.teacher.model_sampling
 
     def _probe_cond(self) -> dict[str, Any]:
+        if self.cond_pool is not None:
+            return cond_kwargs(cond_index(self.cond_pool, [0]), self.cond_key)
         if self.num_classes is None:
             return {}
         return {self.cond_key: torch.zeros(1, dtype=torch.long)}
@@ -113,8 +140,13 @@ class DistillationModule(L.LightningModule):
         if scale_range != (1.0, 1.0):
             check_null_condition(self.teacher, self.null, self.sample_shape, self.cond_key)
 
+    @override
     def train(self, mode: bool = True) -> DistillationModule:
-        """Keep every network in eval mode (no label dropout: all randomness is per sample)."""
+        """Keep every network in eval mode (no label dropout: all randomness is per sample).
+
+        Args:
+            mode: the train flag (recorded; the networks stay in eval mode).
+        """
         super().train(mode)
         for m in self.children():
             m.eval()
@@ -139,13 +171,18 @@ class DistillationModule(L.LightningModule):
     def randn(self, ids: Tensor, stream: str, shape: Sequence[int] | None = None) -> Tensor:
         return randn_per_sample(ids, shape or self.sample_shape, stream, self.seed, self.device)
 
-    def draw_labels(self, ids: Tensor) -> Tensor:
+    def draw_labels(self, ids: Tensor) -> Cond:
+        """The conditions of the samples ``ids``: rows of ``cond_pool`` (text embeddings) or class ids."""
+        if self.cond_pool is not None:
+            rows = randint_per_sample(ids, cond_len(self.cond_pool), "cond", self.seed)
+            return cond_to(cond_index(self.cond_pool, rows), self.device)
         if self.num_classes is None:
-            raise ValueError("this module needs num_classes (or data with conditions)")
+            raise ValueError("this module needs num_classes, a cond_pool of embeddings, or data with conditions")
         return randint_per_sample(ids, int(self.num_classes), "cond", self.seed, self.device)
 
-    def cond(self, c: Tensor) -> dict[str, Tensor]:
-        return {self.cond_key: c}
+    def cond(self, c: Cond) -> dict[str, Tensor]:
+        """Denoiser keywords of a condition batch (class ids under ``cond_key``, or the embeddings)."""
+        return cond_kwargs(c, self.cond_key)
 
     def batch_mean(self, t: Tensor) -> Tensor:
         """Mean over processes (identity for one process)."""
@@ -171,10 +208,14 @@ class DistillationModule(L.LightningModule):
             setattr(self, k, int(v))
 
     # -------------------------------------------------------------------------------------- lightning
+    @override
     def train_dataloader(self) -> DataLoader:
+        """The endless ticker (``ticker_dataloader``): the module draws its own samples from their indices."""
         return ticker_dataloader()
 
+    @override
     def on_fit_start(self) -> None:
+        """Refuse an unbounded run: batches are endless, so ``max_steps``, ``max_time`` or ``max_generator_steps``."""
         # the networks are kept in eval mode on purpose (see ``train``)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         t = self.trainer
@@ -185,22 +226,44 @@ class DistillationModule(L.LightningModule):
             if not timed and not getattr(self, "max_generator_steps", None):
                 raise ValueError("distillation modules draw endless batches: set Trainer(max_steps=...) or max_time")
 
+    @override
     def configure_optimizers(self):
+        """AdamW over the student's trainable parameters (``lr``, ``betas``, ``weight_decay``)."""
         return torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas,
                                  weight_decay=self.weight_decay)
 
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the module's ``grad_clip`` (global norm) unless the Trainer sets its own clipping.
+
+        Args:
+            optimizer: the optimizer about to step.
+            gradient_clip_val: the Trainer's ``gradient_clip_val`` (``None``: the module's ``grad_clip``).
+            gradient_clip_algorithm: the Trainer's algorithm (``"norm"`` or ``"value"``).
+        """
         if gradient_clip_val is None and self.grad_clip > 0:
             gradient_clip_val, gradient_clip_algorithm = self.grad_clip, "norm"
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen teacher out (``checkpoint_state``); save the counters and extra state under ``"fewstep"``.
+
+        Args:
+            checkpoint: the checkpoint about to be written (edited in place).
+        """
         # a sharded checkpoint keeps the teacher's shards: Lightning's distributed load asks for every key
         drop_frozen(checkpoint.get("state_dict", {}), frozen_ptrs(self.teacher) if not self.is_sharded() else set())
         checkpoint["fewstep"] = {"method": self.method, "counters": self.counters(), **self.extra_state()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the counters and the method's extra state from ``checkpoint["fewstep"]``.
+
+        Args:
+            checkpoint: the loaded checkpoint.
+        """
         state = checkpoint.get("fewstep", {})
         self.load_counters(state.get("counters", {}))
         self.load_extra_state(state)
@@ -212,14 +275,21 @@ class DistillationModule(L.LightningModule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module."""
+        """Accept checkpoints without the (frozen) teacher tensors: those keys are taken from the live module.
+
+        Args:
+            state_dict: the saved state (may lack the frozen teacher's tensors).
+            strict, assign: as in ``nn.Module.load_state_dict``.
+        """
         if self.is_sharded():  # sharded checkpoints hold every key (see on_save_checkpoint)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         full = fill_frozen(state_dict, self.state_dict(), frozen_ptrs(self.teacher))
         return super().load_state_dict(full, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------------------------- sharding (FSDP2)
+    @override
     def configure_model(self) -> None:
         """Under ``FSDP2Strategy`` shard teacher, student and critic (``callbacks.sharding``); else nothing."""
         from .sharding import shard_module
@@ -231,8 +301,15 @@ class DistillationModule(L.LightningModule):
 
         return is_sharded(self)
 
+    @override
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``)."""
+        """Lightning's clipping, or for sharded parameters the global norm over shards (``sharding``).
+
+        Args:
+            optimizer: the optimizer whose parameters are clipped.
+            gradient_clip_val: the threshold (``None`` or 0: no clipping).
+            gradient_clip_algorithm: ``"norm"`` (``None`` means norm) or ``"value"``.
+        """
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self.is_sharded():
             from .sharding import clip_grad_norm
 
@@ -240,6 +317,7 @@ class DistillationModule(L.LightningModule):
             return
         super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @override
     def on_after_backward(self) -> None:
         """Sharded + automatic optimization: average the gradients of replicated parameters (guidance adapters);
         FSDP averages the sharded ones."""
@@ -265,13 +343,14 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError
 
     @torch.no_grad()
-    def generate_samples(self, labels: Tensor, seed: int = 0) -> Tensor:
-        """Student samples for ``labels`` from seeded noise (the current weights; swap EMA in first if wanted)."""
+    def generate_samples(self, labels: Cond, seed: int = 0) -> Tensor:
+        """Student samples for ``labels`` (class ids or embeddings) from seeded noise (the current weights; swap EMA
+        in first if wanted)."""
         plan = self.sampling_plan()
         ms = plan["denoiser"].model_sampling
         sigmas = check_sigmas(torch.as_tensor(plan["sigmas"], dtype=torch.float32)).to(self.device)
-        labels = torch.as_tensor(labels).to(self.device)
-        ids = torch.arange(len(labels))
+        labels = cond_to(labels if is_embedding_cond(labels) else torch.as_tensor(labels), self.device)
+        ids = torch.arange(cond_len(labels))
         z = randn_per_sample(ids, self.sample_shape, "eval/noise", seed, self.device)
         x = ms.noise_scaling(sigmas[0], z, torch.zeros_like(z), max_denoise=True)
         extra = {**self.cond(labels), **plan.get("extra", {})}
@@ -296,16 +375,18 @@ class DistillationModule(L.LightningModule):
             "model_sampling": self.model_sampling.config(), "sampler": plan["sampler"],
             "sigmas": [float(s) for s in torch.as_tensor(plan["sigmas"]).tolist()], "sampler_extra": extra,
             "student": self.student_kind, "counters": self.counters(), "cond_key": self.cond_key,
-            "null": self.null if not isinstance(self.null, Tensor) else None,
+            "null": self.null if not isinstance(self.null, Tensor) and not is_embedding_cond(self.null) else None,
+            "conditioning": sorted(self.cond_pool) if is_embedding_cond(self.cond_pool) else None,
         }
 
     @torch.no_grad()
-    def export(self, path: str | Path, lora_prefix: str = COMFY_PREFIX, dare_p: float = 0.0, dare_seed: int = 1,
+    def export(self, path: str | Path, lora_prefix: str | None = None, dare_p: float = 0.0, dare_seed: int = 1,
                write_delta: bool = False) -> list[Path]:
         """Write the student with its current weights (swap EMA in first). Returns the written files.
 
         ``<path>``: full network weights (LoRA merged) + ``<path>.json``; for LoRA students also
-        ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``; DARE on rank components if
+        ``<stem>_lora.safetensors`` (ComfyUI LoRA keys with ``lora_prefix``, default ``lora_key_prefix(network)``:
+        the kohya form for a diffusers UNet, ComfyUI's generic form otherwise; DARE on rank components if
         ``dare_p > 0``); with ``write_delta`` a ComfyUI "diff" file of ``student - teacher`` (DARE on entries).
         """
         return write_student_files(self.student_network(), getattr(self.teacher, "model", self.teacher), path,

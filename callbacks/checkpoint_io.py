@@ -28,6 +28,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically, keeping the replaced file as ``<path>.prev``.
+
+        Args:
+            checkpoint: what Lightning saves.
+            path: the checkpoint file.
+            storage_options: not supported (must be ``None``).
+        """
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_path(Path(path), keep_previous=True) as tmp:
@@ -36,6 +43,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
     @override
     def load_checkpoint(self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        """Load ``path``; a torn or corrupt file is moved aside and ``<path>.prev`` is loaded instead (with a warning).
+
+        Args:
+            path: the checkpoint file to resume from.
+            map_location, weights_only: as in ``torch.load``.
+        """
         parent = super().load_checkpoint
 
         def load(p: Path) -> dict[str, Any]:

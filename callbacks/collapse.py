@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from .ema import ema_weights
 
@@ -140,17 +141,39 @@ class CollapseMonitor(Callback):
             trainer.should_stop = True
         return row
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure the untrained start (once; not on resume).
+
+        Args:
+            trainer: stopped (``stop``) and logged to by ``measure``.
+            pl_module: the distillation module (``batches_seen`` 0 = not resumed).
+        """
         if not self.history and int(getattr(pl_module, "batches_seen", 0)) == 0:
             self.measure(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Measure every ``every_n_steps`` batches (counted by ``batches_seen``).
+
+        Args:
+            trainer: passed to ``measure``.
+            pl_module: the module whose ``batches_seen`` counts the batches.
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
         n = int(getattr(pl_module, "batches_seen", 0))
         if n > 0 and n % self.every_n_steps == 0:
             self.measure(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure the final student unless the last batch was measured.
+
+        Args:
+            trainer: passed to ``measure``.
+            pl_module: the distillation module whose student is measured.
+        """
         n = int(getattr(pl_module, "batches_seen", 0))
         if not self.history or self.history[-1]["batches"] != n:
             self.measure(trainer, pl_module)
@@ -162,6 +185,12 @@ class CollapseMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "fired": list(self.fired)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``history`` and ``fired`` from a checkpoint.
+
+        Args:
+            state_dict: this callback's ``state_dict()`` as saved in the checkpoint.
+        """
         self.history = list(state_dict.get("history", []))
         self.fired = list(state_dict.get("fired", []))

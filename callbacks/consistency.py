@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_to, real_conditions
 from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample, sample_scales
 from ..core.guidance.adapters import AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
@@ -78,7 +80,7 @@ class ConsistencyDistillation(DistillationModule):
         if tuple(self.real_data.shape[1:]) != self.sample_shape:
             raise ValueError(f"real_data samples have shape {tuple(self.real_data.shape[1:])}, "
                              f"expected {self.sample_shape}")
-        self.real_labels = None if real_labels is None else torch.as_tensor(real_labels).long().cpu()
+        self.real_labels = None if real_labels is None else real_conditions(real_labels)
         u = torch.arange(1, self.num_grid + 1, dtype=torch.float32) / self.num_grid
         self.grid = torch.cat([torch.zeros(1), sigma_at_fraction(self.model_sampling, u).float()])
         self.conditioned = self.guidance_range[0] != self.guidance_range[1]
@@ -92,7 +94,7 @@ class ConsistencyDistillation(DistillationModule):
             self.student = AdaptedDenoiser(self.student, adapter)
         self._target: dict[str, Tensor] | None = None
         self._target_version = -1
-        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels"], logger=False)
+        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels", "cond_pool"], logger=False)
 
     # ------------------------------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
@@ -152,7 +154,8 @@ class ConsistencyDistillation(DistillationModule):
         dev = self.device
         idx = randint_per_sample(ids, len(self.real_data), "cm/index", self.seed)
         x0 = self.real_data[idx].to(dev)
-        labels = self.real_labels[idx].to(dev) if self.real_labels is not None else self.draw_labels(ids)
+        labels = cond_to(cond_index(self.real_labels, idx), dev) if self.real_labels is not None \
+            else self.draw_labels(ids)
         j = self.draw_levels(ids)
         end = segment_end_index(j, self.num_grid, self.segments)
         s = torch.maximum(j - self.skip, end)
@@ -179,7 +182,13 @@ class ConsistencyDistillation(DistillationModule):
         per = self.num_grid // self.segments
         return seg * per + 1 + randint_per_sample(ids, per, "cm/level", self.seed)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One consistency update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the consistency samples are drawn from their global indices.
+        """
         self._update_target()
         ids = self.sample_ids()
         loss, logs = self.consistency_step(ids)

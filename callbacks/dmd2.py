@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.conditioning import cond_cat, cond_index, cond_len, cond_to, real_conditions
 from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample
 from ..core.guidance.scaled import guided_denoise
 from ..core.losses.common import sigma_at_fraction, signal_noise
@@ -44,6 +45,7 @@ from ..core.losses.dmd import (
 from ..core.models.critic import HEADS, FeatureTap, default_feature_module
 from ..core.sampling.schedules import timestep_list
 from .base import DistillationModule, frozen
+from .sharding import reshard
 
 
 def dmd2_optimizer_steps(batches: int, critic_ratio: int) -> int:
@@ -156,7 +158,7 @@ class DMD2Distillation(DistillationModule):
         if self.use_gan and real_data is None:
             raise ValueError("the GAN head (gan_weight / gan_critic_weight / f-divergence) needs real_data")
         self.real_data = None if real_data is None else torch.as_tensor(real_data).float().cpu()
-        self.real_labels = None if real_labels is None else torch.as_tensor(real_labels).long().cpu()
+        self.real_labels = None if real_labels is None else real_conditions(real_labels)
         if self.real_data is not None and tuple(self.real_data.shape[1:]) != self.sample_shape:
             raise ValueError(f"real_data samples have shape {tuple(self.real_data.shape[1:])}, "
                              f"expected {self.sample_shape}")
@@ -188,7 +190,8 @@ class DMD2Distillation(DistillationModule):
         self.max_generator_steps = max_generator_steps
         self.generator_updates = 0
         self.critic_updates = 0
-        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels", "regression_pairs"],
+        self.save_hyperparameters(ignore=["teacher", "student", "real_data", "real_labels", "regression_pairs",
+                                          "cond_pool"],
                                   logger=False)
 
     # ------------------------------------------------------------------------------------------ state
@@ -268,6 +271,8 @@ class DMD2Distillation(DistillationModule):
         with frozen(self.critic, self.head):
             with torch.no_grad():
                 fake_x0, logits = self._critic_forward(x_t.detach(), sigma, labels)
+            if self.is_sharded():  # FSDP2 keeps a root unit gathered after a no-grad forward; gathered, its next
+                reshard(self.critic)  # (training) forward would skip the gradient reduce-scatter of its parameters
             weights = None
             if self.divergence != "reverse_kl":
                 weights = f_divergence_weights(logits, self.divergence, self.batch_mean)
@@ -327,7 +332,7 @@ class DMD2Distillation(DistillationModule):
         """DMD's regression loss (eq. 9) on one teacher ODE pair per sample of the batch (drawn from its index)."""
         noise, target, cond = self.regression
         idx = randint_per_sample(ids, len(noise), "dmd/regression", self.seed)
-        z, y = noise[idx].to(self.device), cond[idx].to(self.device)
+        z, y = noise[idx].to(self.device), cond_to(cond_index(cond, idx), self.device)
         sig = self.generator_sigmas[:1].to(self.device)
         x = self.model_sampling.noise_scaling(sig[0], z, torch.zeros_like(z), max_denoise=True)
         x0 = self.student(x, sig.expand(len(z)), **self.cond(y))
@@ -357,12 +362,12 @@ class DMD2Distillation(DistillationModule):
         if self.use_gan and self.gan_critic_weight > 0:
             idx = randint_per_sample(ids, len(self.real_data), "real/index", self.seed)
             xr = self.real_data[idx].to(self.device)
-            yr = self.real_labels[idx].to(self.device) if self.real_labels is not None else labels
+            yr = cond_to(cond_index(self.real_labels, idx), self.device) if self.real_labels is not None else labels
             sigma_g = self._renoise_sigma(ids, "gan/critic_t", self.gan_t_range)
             xf_t = ms.noise_scaling(sigma_g, self.randn(ids, "gan/critic_noise"), x0)
             xr_t = ms.noise_scaling(sigma_g, self.randn(ids, "real/noise"), xr)
             _, logits = self._critic_forward(torch.cat([xf_t, xr_t]), torch.cat([sigma_g, sigma_g]),
-                                             torch.cat([labels, yr]))
+                                             cond_cat([labels, yr]))
             fake_logits, real_logits = logits.chunk(2)
             d = gan_discriminator_loss(real_logits, fake_logits)
             logs["gan_d"] = d.detach()
@@ -448,8 +453,8 @@ def _regression_pairs(pairs: Any, sample_shape: tuple[int, ...]) -> tuple[Tensor
     if missing:
         raise ValueError(f"regression_pairs lack {missing}; give noise, endpoint and cond tensors")
     noise, target = torch.as_tensor(pairs["noise"]).float(), torch.as_tensor(pairs["endpoint"]).float()
-    cond = torch.as_tensor(pairs["cond"]).long()
-    if tuple(noise.shape[1:]) != sample_shape or noise.shape != target.shape or len(cond) != len(noise):
-        raise ValueError(f"regression_pairs: noise {tuple(noise.shape)}, endpoint {tuple(target.shape)} and cond "
-                         f"{tuple(cond.shape)} must be N samples of shape {sample_shape}")
+    cond = real_conditions(pairs["cond"])
+    if tuple(noise.shape[1:]) != sample_shape or noise.shape != target.shape or cond_len(cond) != len(noise):
+        raise ValueError(f"regression_pairs: noise {tuple(noise.shape)}, endpoint {tuple(target.shape)} and "
+                         f"{cond_len(cond)} conditions must be N samples of shape {sample_shape}")
     return noise, target, cond

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
 from .sharding import full_tensor, like_param, reshard
 
@@ -38,7 +39,9 @@ class StudentEMA(Callback):
         self._swapped: dict[str, Tensor] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint (one per decay: several EMAs can coexist)."""
         return f"StudentEMA[decay={self.decay}]"
 
     def _init(self, pl_module: L.LightningModule) -> None:
@@ -53,12 +56,27 @@ class StudentEMA(Callback):
             self.ema = {k: like_param(v, params[k]) for k, v in self.ema.items()}  # sharded like its parameter
         self._loaded = False
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the average from the student's weights (or adopt a loaded one).
+
+        Args:
+            trainer: unused.
+            pl_module: the distillation module (its ``ema_parameters()`` are averaged).
+        """
         self._init(pl_module)
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Update the average once per student update (``student_updates``; batches without one are skipped).
+
+        Args:
+            trainer: its ``global_step`` counts updates for modules without ``student_updates``.
+            pl_module: the distillation module whose parameters are averaged.
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
         version = int(getattr(pl_module, "student_updates", trainer.global_step))
         if version == self.seen_version:
             return
@@ -93,23 +111,44 @@ class StudentEMA(Callback):
                 reshard(pl_module)
             self._swapped = None
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the EMA weights in for validation.
+
+        Args:
+            trainer: unused.
+            pl_module: the module whose student gets the EMA weights.
+        """
         self._ctx = self.swapped(pl_module)
         self._ctx.__enter__()
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the live weights back.
+
+        Args:
+            trainer, pl_module: unused (the swap entered at ``on_validation_start`` is exited).
+        """
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
             ctx.__exit__(None, None, None)
             self._ctx = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The averages (gathered to full tensors under FSDP2), the update counts and the decay."""
         # sharded (FSDP2) averages are gathered: every process calls state_dict when a checkpoint is saved
         return {"ema": None if self.ema is None else {k: full_tensor(v.detach()).cpu().clone()
                                                       for k, v in self.ema.items()},
                 "updates": self.updates, "seen_version": self.seen_version, "decay": self.decay}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the averages; they are matched to the student's parameters at their next use.
+
+        Args:
+            state_dict: this callback's saved ``state_dict()``.
+        """
         self.ema = None if state_dict["ema"] is None else dict(state_dict["ema"])
         self.updates = int(state_dict["updates"])
         self.seen_version = int(state_dict["seen_version"])

@@ -20,8 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from ..core.models.lora_format import COMFY_PREFIX
 from .ema import ema_weights
 
 
@@ -30,12 +30,13 @@ class StudentExport(Callback):
 
     Args:
         path: the ``.safetensors`` file of the student (siblings ``<stem>_lora.safetensors`` etc.).
-        lora_prefix: key prefix of the ComfyUI LoRA file (``"diffusion_model."`` = ComfyUI's generic form).
+        lora_prefix: key prefix of the ComfyUI LoRA file (``"diffusion_model."`` = ComfyUI's generic form; default:
+            the kohya ``"lora_unet_"`` form for a diffusers UNet, the generic form otherwise).
         dare_p, dare_seed: DARE drop probability (0 = off) and seed for the LoRA / delta files.
         write_delta: also write ``student - teacher`` as a ComfyUI "diff" file (DARE applied if ``dare_p``).
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int | None = None, lora_prefix: str = COMFY_PREFIX,
+    def __init__(self, path: str | Path, every_n_steps: int | None = None, lora_prefix: str | None = None,
                  dare_p: float = 0.0, dare_seed: int = 1, write_delta: bool = False):
         self.path = Path(path)
         self.every_n_steps = every_n_steps
@@ -51,13 +52,28 @@ class StudentExport(Callback):
                                             dare_seed=self.dare_seed, write_delta=self.write_delta)
         return self.written
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Export every ``every_n_steps`` batches if set.
+
+        Args:
+            trainer: rank 0 writes (all ranks gather under FSDP2).
+            pl_module: the distillation module (``batches_seen``, ``export``).
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
         n = int(getattr(pl_module, "batches_seen", 0))
         if self.every_n_steps and n % self.every_n_steps == 0:
             self.export(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Export the final student.
+
+        Args:
+            trainer: its ``StudentEMA`` weights are swapped in.
+            pl_module: the module whose student is written.
+        """
         self.export(trainer, pl_module)
 
 
@@ -92,7 +108,15 @@ class DivergenceGuard(Callback):
     def _bad(self, trainer: L.Trainer, bad: bool) -> bool:
         return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        """Stop before the optimizer applies a non-finite gradient (on any process).
+
+        Args:
+            trainer: its strategy shares the verdict between processes.
+            pl_module: names the first parameter with a bad gradient.
+            optimizer: the optimizer about to step (its parameters' gradients are checked).
+        """
         if not self.check_grads:
             return
         bad = None
@@ -106,8 +130,17 @@ class DivergenceGuard(Callback):
         if self._bad(trainer, bad is not None):
             self._fail(trainer, pl_module, f"non-finite gradient (first in {bad})")
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Stop when a returned loss is non-finite or above ``max_loss`` (on any process).
+
+        Args:
+            trainer: its strategy shares the verdict between processes.
+            pl_module: named in the error.
+            outputs: the losses ``training_step`` returned (a tensor or a dict of scalars).
+            batch, batch_idx: unused.
+        """
         values: dict[str, float] = {}
         if isinstance(outputs, Tensor):
             values["loss"] = float(outputs.detach().float().mean())

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_to
 from ..core.distill import randint_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS, AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
@@ -56,7 +58,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         self.student = AdaptedDenoiser(self.teacher, adapter)
         self.student_kind = "guidance_adapter"
         self.eval_guidance = float(eval_guidance if eval_guidance is not None else sum(self.scale_range) / 2)
-        self.save_hyperparameters(ignore=["teacher", "student", "trajectories"], logger=False)
+        self.save_hyperparameters(ignore=["teacher", "student", "trajectories", "cond_pool"], logger=False)
 
     @property
     def adapter(self) -> GuidanceAdapter:
@@ -69,7 +71,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         j = randint_per_sample(ids, self.states.shape[1] - 1, "agd/state", self.seed)  # never the endpoint
         x = self.states[idx, j].to(dev)
         sigma = self.traj_sigmas[j].to(dev)
-        labels = self.traj_cond[idx].to(dev)
+        labels = cond_to(cond_index(self.traj_cond, idx), dev)
         w = self.traj_scale[idx].to(dev)
         with torch.no_grad():
             _, cond_x0, uncond_x0 = guided_denoise(self.teacher, x, sigma, w, self.cond_key, self.null,
@@ -80,7 +82,13 @@ class GuidanceAdapterDistillation(DistillationModule):
                                           native(sigma, uncond_x0, x), w)
         return loss, {"agd": loss.detach()}
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One guidance-adapter update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the guidance-adapter samples are drawn from their global indices.
+        """
         ids = self.sample_ids()
         loss, logs = self.agd_step(ids)
         self.batches_seen += 1

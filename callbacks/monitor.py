@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from ..core.io import atomic_path
 from .ema import ema_weights
@@ -37,7 +38,46 @@ def _log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> No
             exp.add_image(tag, image, step, dataformats="HW" if image.ndim == 2 else "HWC")
 
 
-class SampleGrid(Callback):
+class _Periodic(Callback):
+    """Calls ``run`` every ``every_n_steps`` batches (``pl_module.batches_seen``) and once when training ends,
+    unless the last batch already ran it (``ran_at``) or ``at_end`` is off."""
+
+    every_n_steps: int | None = None
+    at_end: bool = True
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        raise NotImplementedError
+
+    def ran_at(self, step: int) -> bool:
+        """Whether ``run`` already ran after batch ``step``."""
+        raise NotImplementedError
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Run every ``every_n_steps`` batches.
+
+        Args:
+            trainer: passed to ``run``.
+            pl_module: the distillation module (its ``batches_seen`` decides; it draws the samples).
+            outputs, batch, batch_idx: unused (Lightning's hook signature).
+        """
+        if _due(pl_module, self.every_n_steps):
+            self.run(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run on the final student unless the last batch did (or ``at_end`` is off).
+
+        Args:
+            trainer: passed to ``run``.
+            pl_module: the distillation module whose student is looked at.
+        """
+        if self.at_end and not self.ran_at(int(getattr(pl_module, "batches_seen", 0))):
+            self.run(trainer, pl_module)
+
+
+class SampleGrid(_Periodic):
     """Save a PNG grid of student samples (fixed seed and classes) every ``every_n_steps`` batches and at the end
     of training, to ``dirpath`` and to the trainer's loggers.
 
@@ -78,18 +118,16 @@ class SampleGrid(Callback):
         _log_image(trainer, f"{self.name}", np.asarray(img), step)
         return path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if _due(pl_module, self.every_n_steps):
-            self.write(trainer, pl_module)
+    @override
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        return self.write(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = int(getattr(pl_module, "batches_seen", 0))
-        if not self.written or not self.written[-1].stem.endswith(f"{step:06d}"):
-            self.write(trainer, pl_module)
+    @override
+    def ran_at(self, step: int) -> bool:
+        return bool(self.written) and self.written[-1].stem.endswith(f"{step:06d}")
 
 
-class QualityEval(Callback):
+class QualityEval(_Periodic):
     """Frechet distance, class accuracy, precision and recall of student samples on the embedded digits
     benchmark (``core.metrics.quality.evaluate_samples``) every ``every_n_steps`` batches, logged as
     ``eval/fd``, ``eval/accuracy``, ... and kept in ``history`` (saved with the callback state).
@@ -120,18 +158,24 @@ class QualityEval(Callback):
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         return row
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if _due(pl_module, self.every_n_steps):
-            self.evaluate(trainer, pl_module)
+    @override
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+        return self.evaluate(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = int(getattr(pl_module, "batches_seen", 0))
-        if self.at_end and (not self.history or self.history[-1]["batches"] != step):
-            self.evaluate(trainer, pl_module)
+    @override
+    def ran_at(self, step: int) -> bool:
+        return bool(self.history) and self.history[-1]["batches"] == step
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The evaluations so far (saved with the checkpoint)."""
         return {"history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``history`` from a checkpoint.
+
+        Args:
+            state_dict: what ``QualityEval.state_dict`` saved.
+        """
         self.history = list(state_dict.get("history", []))

@@ -34,7 +34,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
+from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_len, is_embedding_cond
 from .ema import ema_weights, find_ema
 
 log = logging.getLogger("fewstep")
@@ -83,7 +85,15 @@ class OnnxExport(Callback):
             return self.checkpoint
         return next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the settings against the trainer before fitting starts (EMA callback, monitored checkpoint, module).
+
+        Args:
+            trainer: its callbacks are checked.
+            pl_module: must be a fewstep distillation module.
+            stage: only ``"fit"`` is checked.
+        """
         if stage != "fit":
             return
         if self.weights == "ema" and find_ema(trainer) is None:
@@ -142,7 +152,10 @@ class OnnxExport(Callback):
                               "name": f"{getattr(pl_module.teacher, 'name', 'student')}-{pl_module.method}"}
         num_classes = getattr(pl_module, "num_classes", None)
         cond_key = getattr(pl_module, "cond_key", "class_labels")
-        if num_classes:
+        pool = getattr(pl_module, "cond_pool", None)
+        if is_embedding_cond(pool):  # text embeddings: each keyword becomes a graph input
+            kw["cond"] = dict(cond_index(pool, torch.arange(2) % cond_len(pool)))
+        elif num_classes:
             kw["cond"] = {cond_key: torch.arange(2) % int(num_classes)}
             info: dict[str, Any] = {"num_classes": int(num_classes)}
             null = getattr(pl_module, "null", None)
@@ -196,7 +209,14 @@ class OnnxExport(Callback):
             log.error("fewstep: could not save the student to %s either: %s", fallback, e)
             return []
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Export on rank 0; if that fails, save the student another way and report where (``on_error``).
+
+        Args:
+            trainer: rank 0 exports; its checkpoints are the fallback.
+            pl_module: the student to export.
+        """
         if trainer.global_rank != 0:
             return
         self.error = None

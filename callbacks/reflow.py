@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
+from ..core.conditioning import cond_index, cond_to
 from ..core.distill import rand_per_sample, randint_per_sample
 from ..core.guidance.adapters import base_config_hash
 from ..core.losses.common import flow_time, sigma_from_flow_time
@@ -72,7 +74,7 @@ class ReflowDistillation(DistillationModule):
         if int(eval_steps) < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
         self.eval_steps = int(eval_steps)
-        self.save_hyperparameters(ignore=["teacher", "student", "trajectories"], logger=False)
+        self.save_hyperparameters(ignore=["teacher", "student", "trajectories", "cond_pool"], logger=False)
 
     def sample_time(self, ids: Tensor) -> Tensor:
         """Flow times in ``[t_min, t_max]`` for the samples ``ids``."""
@@ -87,7 +89,7 @@ class ReflowDistillation(DistillationModule):
         dev = self.device
         idx = randint_per_sample(ids, len(self.endpoint), "rf/index", self.seed)
         x0, x_start = self.endpoint[idx].to(dev), self.start[idx].to(dev)
-        labels = self.traj_cond[idx].to(dev)
+        labels = cond_to(cond_index(self.traj_cond, idx), dev)
         t = self.sample_time(ids)
         sigma = sigma_from_flow_time(self.model_sampling, t).clamp(max=self.sigma_start)
         x = straight_path(x0, x_start, sigma, self.sigma_start)
@@ -95,7 +97,13 @@ class ReflowDistillation(DistillationModule):
         loss = reflow_loss(pred, x0, t)
         return loss, {"reflow": loss.detach()}
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One reflow update on this step's samples; returns the loss.
+
+        Args:
+            batch, batch_idx: unused: the reflow samples are drawn from their global indices.
+        """
         ids = self.sample_ids()
         loss, logs = self.reflow_step(ids)
         self.batches_seen += 1

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     distribute_tensor = None  # type: ignore[assignment]
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -51,7 +52,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.activation_checkpointing = bool(activation_checkpointing)
 
+    @override
     def setup_environment(self) -> None:
+        """Resolve ``data_parallel_size="auto"`` to every process (nodes x processes), then set up as Lightning does."""
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.models.lora_format import COMFY_PREFIX, comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora
+from ..core.models.lora_format import comfy_diff_state_dict, comfy_lora_state_dict, dare, dare_lora, lora_key_prefix
 from .student_networks import has_lora, lora_factors, merged_state_dict
 
 __all__ = ["write_student_files"]
@@ -22,7 +22,7 @@ __all__ = ["write_student_files"]
 
 @torch.no_grad()
 def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path, meta: dict[str, Any],
-                        lora_prefix: str = COMFY_PREFIX, dare_p: float = 0.0, dare_seed: int = 1,
+                        lora_prefix: str | None = None, dare_p: float = 0.0, dare_seed: int = 1,
                         write_delta: bool = False, sharded: bool = False, rank: int = 0) -> list[Path]:
     """Write the student network ``net`` (see the module docstring). Returns the written files.
 
@@ -31,29 +31,37 @@ def write_student_files(net: nn.Module, teacher_net: nn.Module, path: str | Path
         teacher_net: the teacher's network (the base of the delta file).
         path: the ``.safetensors`` file of the full weights.
         meta: the sidecar metadata (``DistillationModule.export_metadata``).
-        lora_prefix: key prefix of the ComfyUI LoRA / diff files.
+        lora_prefix: key prefix of the ComfyUI LoRA / diff files (default ``lora_key_prefix(net)``: the kohya
+            form for a diffusers UNet, ComfyUI's generic form otherwise).
         dare_p, dare_seed: DARE drop probability (0 = off) and seed.
         write_delta: also write ``student - teacher`` as a ComfyUI "diff" file.
-        sharded: ``net`` is FSDP2-sharded: every process gathers the full tensors, rank 0 writes them.
+        sharded: ``net`` is FSDP2-sharded: every process gathers the full tensors (LoRA factors included), rank 0
+            writes them (no delta file for a sharded LoRA student).
         rank: this process's global rank.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lora = has_lora(net)
-    if sharded:  # FSDP2: every process gathers the full tensors, rank 0 writes them
-        if lora:
-            raise NotImplementedError("exporting a sharded LoRA student: save a checkpoint and export it from "
-                                      "one process")
+    lora_prefix = lora_prefix or lora_key_prefix(net)
+    if sharded:  # FSDP2: every process gathers the full tensors (a collective), rank 0 writes them
         from .sharding import full_tensor
 
-        state = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+        if lora and write_delta:
+            raise NotImplementedError("the delta file of a sharded LoRA student: save a checkpoint and export it "
+                                      "from one process")
+        full = {k: full_tensor(v.detach()).clone() for k, v in net.state_dict().items()}
+        gathered = {n: (full_tensor(d).clone(), full_tensor(u).clone(), a) for n, (d, u, a) in
+                    (lora_factors(net).items() if lora else ())}
         if rank != 0:
             return []
-        return [_save_atomic(state, path, meta)]
-    state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if not lora:
+            return [_save_atomic(full, path, meta)]
+        state = _merge_lora(full, gathered)
+    else:
+        state = merged_state_dict(net) if lora else {k: v.detach().clone() for k, v in net.state_dict().items()}
     written = [_save_atomic(state, path, meta)]
     if lora:
-        factors = lora_factors(net)
+        factors = gathered if sharded else lora_factors(net)
         if dare_p > 0:
             factors = {n: dare_lora(d, u, a, dare_p, dare_seed + i) for i, (n, (d, u, a)) in
                        enumerate(sorted(factors.items()))}
@@ -79,3 +87,12 @@ def _save_atomic(state: dict[str, Tensor], path: Path, meta: dict[str, Any]) -> 
     from ..core.io import save_safetensors
 
     return save_safetensors(state, path, meta)
+
+
+def _merge_lora(state: dict[str, Tensor], factors: dict[str, tuple[Tensor, Tensor, float]]) -> dict[str, Tensor]:
+    """``merged_state_dict`` on gathered tensors: peft's wrapped keys back to the network's, LoRA merged in."""
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for name, (down, up, alpha) in factors.items():
+        w = out[f"{name}.weight"]
+        out[f"{name}.weight"] = (w.float() + (alpha / down.shape[0]) * (up.float() @ down.float())).to(w.dtype)
+    return out

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from ..core.checks import nonneg_int, positive_float, positive_int
 from ..core.models.embedded import TEACHER_CFG
@@ -57,7 +58,13 @@ class StepTimer(Callback):
         self.times: list[float] = []
         self._last: float | None = None
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Record the wall time since the previous batch ended.
+
+        Args:
+            trainer, pl_module, outputs, batch, batch_idx: unused: only the time of the call counts.
+        """
         now = time.perf_counter()
         if self._last is not None:
             self.times.append(now - self._last)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -172,7 +172,8 @@ def check_null_condition(teacher: nn.Module, null: Any, sample_shape: Sequence[i
                          cond_key: str = "class_labels") -> None:
     """Raise ``ValueError`` unless ``teacher`` accepts the null condition that classifier-free guidance needs.
 
-    ``null=None`` means the teacher has no null condition. For integer class conditions the label tables of the
+    ``null=None`` means the teacher has no null condition; a mapping null (text embeddings, ``core.conditioning``)
+    is run through the teacher as it is. For integer class conditions the label tables of the
     network are checked (a table needs a row for the null id, as diffusers adds when trained with label
     dropout), then the teacher is run once on the null condition.
     """
@@ -180,6 +181,16 @@ def check_null_condition(teacher: nn.Module, null: Any, sample_shape: Sequence[i
     if null is None:
         raise ValueError(f"classifier-free guidance (scale != 1) needs the teacher's null condition, but {name} "
                          "has none (null=None). Use guidance scale 1, or a teacher trained with condition dropout")
+    if isinstance(null, Mapping):  # precomputed embeddings: the null holds every keyword of the network's condition
+        from .conditioning import expand_null
+
+        try:
+            probe_output(teacher, sample_shape, expand_null(null, 1, _first_device(teacher)))
+        except (IndexError, RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"classifier-free guidance needs a null condition, but {name} fails on the null "
+                             f"embeddings {sorted(null)}: {e}. Give (1, ...) tensors for every condition keyword "
+                             "(e.g. the empty prompt's embeddings)") from e
+        return
     if not isinstance(null, Tensor):
         net = getattr(teacher, "model", teacher)
         for tname, rows in _label_tables(net):

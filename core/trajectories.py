@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .conditioning import cond_index, cond_kwargs, cond_len, cond_to, is_embedding_cond
 from .distill import (
     check_guidance_range,
     check_null_condition,
@@ -71,7 +72,7 @@ def generate_trajectories(
     schedule: str = "karras",
     sigmas: Tensor | None = None,
     num_classes: int | None = 10,
-    cond_pool: Tensor | None = None,
+    cond_pool: Tensor | Mapping[str, Tensor] | None = None,
     cond_key: str = "class_labels",
     null: Any = 10,
     shard_size: int = 512,
@@ -88,8 +89,12 @@ def generate_trajectories(
         sample_shape: shape of one sample, e.g. ``(1, 16, 16)``.
         guidance: one CFG scale or a ``(min, max)`` range (uniform per sample); fewstep's convention.
         sampler, steps, schedule, sigmas: how the teacher ODE is solved (``euler``, ``heun`` or ``dpmpp_2m``).
-        num_classes / cond_pool: conditions are uniform class ids, or rows of ``cond_pool`` (stored as indices).
-        cond_key, null: the teacher's condition argument and its null value (needed when a scale != 1).
+        num_classes / cond_pool: conditions are uniform class ids, or rows of ``cond_pool``: a tensor, or a mapping
+            of precomputed text embeddings ``{keyword: (N, ...)}`` (``core.conditioning``). Each sample's row is
+            stored in the shards (``cond``, or ``cond.<keyword>`` per embedding) with its pool index
+            (``cond_index``).
+        cond_key, null: the teacher's condition argument and its null value (needed when a scale != 1; a mapping of
+            null embeddings for a text-conditioned teacher).
         shard_size, batch_size: samples per file and per teacher call.
         seed: seeds every sample's noise, condition and scale (with its global index).
         save_states: also store every state (``(N, steps + 1, *sample_shape)``, the last is the endpoint).
@@ -116,8 +121,8 @@ def generate_trajectories(
         "sampler": sampler, "sigmas": [float(s) for s in sig], "guidance_range": list(w_range),
         "num_samples": int(num_samples), "shard_size": int(shard_size), "seed": int(seed),
         "sample_shape": list(sample_shape), "num_classes": num_classes,
-        "cond_pool": None if cond_pool is None else [len(cond_pool), _json_hash(cond_pool.float().sum().item())],
-        "cond_key": cond_key, "null": null if not isinstance(null, Tensor) else "tensor", "save_states": save_states,
+        "cond_pool": None if cond_pool is None else _pool_signature(cond_pool),
+        "cond_key": cond_key, "null": _null_signature(null), "save_states": save_states,
     }
     config_hash = _json_hash(manifest)
     man_path = out / "manifest.json"
@@ -144,9 +149,16 @@ def generate_trajectories(
         for b in range(lo, hi, batch_size):
             ids = torch.arange(b, min(hi, b + batch_size))
             noise = randn_per_sample(ids, sample_shape, _STREAM_NOISE, seed)
+            extra_rows: dict[str, Tensor] = {}
             if cond_pool is not None:
-                cidx = randint_per_sample(ids, len(cond_pool), _STREAM_COND, seed)
-                cond, stored = cond_pool[cidx], cidx
+                cidx = randint_per_sample(ids, cond_len(cond_pool), _STREAM_COND, seed)
+                cond = cond_index(cond_pool, cidx)
+                extra_rows["cond_index"] = cidx
+                if is_embedding_cond(cond):
+                    extra_rows.update({f"cond.{k}": v for k, v in cond.items()})
+                    stored = None
+                else:
+                    stored = cond
             else:
                 cond = stored = randint_per_sample(ids, int(num_classes), _STREAM_COND, seed)
             w = sample_scales(rand_per_sample(ids, 1, _STREAM_SCALE, seed)[:, 0], w_range)
@@ -158,8 +170,11 @@ def generate_trajectories(
 
             with torch.no_grad():
                 end = sample(model, x.to(device), sig.to(device), disable=True, callback=grab if save_states else None,
-                             extra_args={cond_key: cond.to(device), "guidance_scale": w.to(device)}).cpu()
-            batch = {"noise": noise, "cond": stored, "guidance_scale": w, "start": x, "endpoint": end}
+                             extra_args={**cond_kwargs(cond_to(cond, device), cond_key),
+                                         "guidance_scale": w.to(device)}).cpu()
+            batch = {"noise": noise, "guidance_scale": w, "start": x, "endpoint": end, **extra_rows}
+            if stored is not None:
+                batch["cond"] = stored
             if save_states:
                 if len(states) != len(sig) - 1:
                     raise RuntimeError(f"sampler {sampler} reported {len(states)} states for {len(sig) - 1} steps")
@@ -178,7 +193,8 @@ def generate_trajectories(
 def load_trajectories(out_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load every shard of a complete trajectory folder: ``(tensors, manifest)`` with tensors ``noise``, ``cond``,
     ``guidance_scale``, ``start``, ``endpoint``, optionally ``states``, concatenated in sample order, and
-    ``sigmas``. Raises ``FileNotFoundError`` / ``ValueError`` for a missing or incomplete folder."""
+    ``sigmas``; for text embeddings ``cond`` is the mapping ``{keyword: (N, ...)}`` (``core.conditioning``).
+    Raises ``FileNotFoundError`` / ``ValueError`` for a missing or incomplete folder."""
     from .io import read_safetensors
 
     out = Path(out_dir)
@@ -194,6 +210,22 @@ def load_trajectories(out_dir: str | Path) -> tuple[dict[str, Tensor], dict[str,
             raise ValueError(f"trajectory folder {out} is incomplete (shard {i} missing or from another run); "
                              "run generate_trajectories again with the same arguments to resume")
         shards.append(read_safetensors(p)[0])
-    tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "sigmas"}
+    tensors: dict[str, Any] = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "sigmas"}
     tensors["sigmas"] = shards[0]["sigmas"]
+    embeds = {k[len("cond."):]: tensors.pop(k) for k in list(tensors) if k.startswith("cond.")}
+    if embeds:
+        tensors["cond"] = embeds
     return tensors, manifest
+
+
+def _pool_signature(pool: Tensor | Mapping[str, Tensor]) -> list[Any]:
+    """Size and content hash of a condition pool (a resumed run must use the same pool)."""
+    parts = pool.items() if is_embedding_cond(pool) else [("", pool)]
+    return [cond_len(pool), _json_hash({k: [list(v.shape), float(v.double().sum()), float(v.double().abs().sum())]
+                                        for k, v in parts})]
+
+
+def _null_signature(null: Any) -> Any:
+    if is_embedding_cond(null):
+        return {k: [list(v.shape), float(torch.as_tensor(v).double().sum())] for k, v in null.items()}
+    return null if not isinstance(null, Tensor) else "tensor"

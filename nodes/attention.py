@@ -327,11 +327,12 @@ class FewstepSparseAttention(io.ComfyNode):
                                tooltip="top_k: each query block keeps the key blocks with the largest pooled q.k "
                                        "(adaptive, per call). top_k_mass: the fewest blocks reaching 'mass' of the "
                                        "softmax. sliding_tile: a window around each tile of the token grid "
-                                       "(static; text tokens always attended)."),
+                                       "(static; text tokens always attended). Core: TopKPattern(keep_ratio), "
+                                       "TopKPattern(mass), SlidingTilePattern(radius)."),
                 io.Float.Input("density", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of key blocks attended, in (0, 1]: the keep ratio of top_k, the "
                                        "target mask density of sliding_tile (its window is sized to match). 1.0 = "
-                                       "dense. Not used by top_k_mass."),
+                                       "dense. Not used by top_k_mass. Core: keep_ratio / radius_for_density."),
                 io.Float.Input("mass", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="top_k_mass only: keep the fewest key blocks whose share of the (pooled) "
                                        "softmax reaches this, in (0, 1]."),
@@ -340,7 +341,8 @@ class FewstepSparseAttention(io.ComfyNode):
                                      "GPU kernels (multiples of 16 for triton); smaller blocks give finer masks."),
                 io.Float.Input("dense_first_percent", default=20.0, min=0.0, max=100.0, step=1.0,
                                tooltip="Run the first N% of the sampling steps with dense attention (they lay out "
-                                       "the global structure); the step is read from the run's sigmas."),
+                                       "the global structure); the step is read from the run's sigmas. Core: "
+                                       "SparsitySchedule(dense_steps) counts steps instead."),
                 io.Boolean.Input("self_attention_only", default=True,
                                  tooltip="Leave cross-attention (queries and keys of different lengths, e.g. to the "
                                          "text) dense. Off: top-k patterns sparsify it too."),

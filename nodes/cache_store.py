@@ -34,6 +34,8 @@ from .folders import register_model_folder
 from .model_info import model_sampling_of
 
 CALIBRATION_FOLDER = "fewstep_cache_calibrations"
+#: ComfyUI model folder of learned-cache predictors (``core.cache.learned``: safetensors keyed to a model)
+LEARNED_FOLDER = "fewstep_learned_caches"
 CALIBRATE_NODE = "'fewstep cache calibration' (FewstepCacheCalibrate)"
 
 
@@ -143,3 +145,59 @@ def bind_calibration(cache: ResidualCache, model: Any, calibration: str, node: s
                          "'auto'.") from e
     except CalibrationError as e:
         raise ValueError(f"{node}: unusable calibration: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- learned caches
+
+
+def register_learned_folder() -> None:
+    """Register ``models/fewstep_learned_caches`` with ComfyUI's ``folder_paths`` (idempotent)."""
+    register_model_folder(LEARNED_FOLDER, LEARNED_FOLDER, {".safetensors"})
+
+
+def learned_cache_files() -> list[str]:
+    """The predictor files in the learned-cache folders (what the node's combo lists)."""
+    register_learned_folder()
+    return list(folder_paths.get_filename_list(LEARNED_FOLDER))
+
+
+def learned_cache_path(name: str, node: str) -> Path:
+    """The file ``name`` inside one of the learned-cache folders; a name resolving outside them is refused."""
+    register_learned_folder()
+    dirs = [Path(p) for p in folder_paths.get_folder_paths(LEARNED_FOLDER)]
+    text = str(name).strip()
+    for d in dirs:
+        root = d.resolve()
+        cand = (root / text).resolve()
+        if text and cand.is_relative_to(root) and cand.is_file():
+            return cand
+    raise ValueError(f"{node}: predictor {text!r} is not a file in the learned-cache folders "
+                     f"({', '.join(map(str, dirs))}); only files inside them are read. Put the .safetensors written "
+                     f"by fewstep's learned-cache training (LearnedCacheExport) into models/{LEARNED_FOLDER} and pick "
+                     "it by file name")
+
+
+def block_network(model: Any) -> torch.nn.Module:
+    """The network whose blocks a block cache walks, with diffusers' parameter names where fewstep has a twin (the
+    embedded digits DiT inside ComfyUI's wrapper), else the diffusion model."""
+    dm = model.model.diffusion_model
+    inner = getattr(dm, "dit", None)
+    return inner if isinstance(inner, torch.nn.Module) else dm
+
+
+def learned_identity(model: Any) -> dict[str, str]:
+    """The MODEL's learned-cache fingerprint: ``core.cache.learned.network_weights_hash`` of its block network's
+    weights, plus its weight patches (LoRAs: a predictor learns one set of weights). ComfyUI cannot recompute core's
+    config hash, so a predictor is checked against the weights alone (``check_identity(keys=("weights_hash",))``)."""
+    from ..core.cache.learned.store import network_weights_hash
+
+    net = block_network(model)
+    patches = getattr(model, "patches", {}) or {}
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from net.named_parameters()
+        for key in sorted(patches, key=str):
+            yield from _tensors_in(list(patches[key]), f"~patch:{key}")
+
+    name = f"comfy-{type(getattr(model.model, 'model_config', model.model)).__name__}"
+    return {"name": name, "config_hash": "(not compared in ComfyUI)", "weights_hash": network_weights_hash(items())}

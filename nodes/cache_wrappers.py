@@ -327,6 +327,21 @@ def eps_frame(base: Any, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     return base.model_sampling.calculate_input(sigma, x), s
 
 
+def install_block_cache(m: Any, holder: CacheHolder, layout: Layout) -> None:
+    """Put ``holder`` on the MODEL clone ``m`` and install the block cache's wrappers (``OUTER_SAMPLE``: a fresh core
+    cache per run; ``DIFFUSION_MODEL``: the expert of each call) and one ``BlockPatch`` per block of ``layout``."""
+    import comfy.patcher_extension
+
+    m.model_options["transformer_options"][BLOCK_KEY] = holder
+    wmp = comfy.patcher_extension.WrappersMP
+    for kind, fn in ((wmp.OUTER_SAMPLE, outer_sample_wrapper(BLOCK_KEY)),
+                     (wmp.DIFFUSION_MODEL, block_diffusion_model_wrapper)):
+        m.remove_wrappers_with_key(kind, BLOCK_KEY)
+        m.add_wrapper_with_key(kind, BLOCK_KEY, fn)
+    for g, (kind, i, _) in enumerate(layout):
+        m.set_model_patch_replace(BlockPatch(g), "dit", kind, i)
+
+
 class BlockPatch:
     """``patches_replace["dit"][(kind, i)]``: block ``g`` of the stack, driven by the run's block-range runner."""
 

@@ -10,6 +10,10 @@ calibration lookup and model identity in ``nodes/cache_store.py``, the calibrati
   Delta-DiT (Chen et al. 2024, arXiv:2406.01125; ``core.cache.DeltaDiTCache``) through ``patches_replace["dit"]``
   block replacements, on the architectures whose block layout is declared in ``core.cache.layouts`` (Flux, Wan
   2.1/2.2, SD3, the embedded digits DiT).
+- ``FewstepLearnedCache`` -- the learned cache (DisCa, Zou et al. 2025; ``core.cache.learned.LearnedCache``): a
+  trained predictor file from ComfyUI's ``models/fewstep_learned_caches`` folder stands in for the middle blocks on a
+  fixed skip schedule, through the same block patches; a predictor trained for other weights is refused with both
+  fingerprints named.
 - ``FewstepCacheCalibrate`` -- runs a few full-compute sampling runs of the connected MODEL, fits the TeaCache
   polynomials and MagCache curves and writes ``<name>--<hash>.json`` atomically into ComfyUI's
   ``models/fewstep_cache_calibrations`` folder, where the cache nodes then find it by the model's fingerprint
@@ -26,22 +30,32 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..core.cache import CacheConfigError, CFGBranchCache, DeltaDiTCache, FirstBlockCache, ResidualCache, StepCache
+from ..core.cache.learned import LearnedCache, load_predictor, read_header
+from ..core.cache.learned.store import check_identity
 from .cache_calibration import CALIBRATION_SAMPLERS, calibrate_model
-from .cache_store import CALIBRATION_FOLDER, bind_calibration, model_identity
+from .cache_store import (
+    CALIBRATION_FOLDER,
+    LEARNED_FOLDER,
+    bind_calibration,
+    learned_cache_files,
+    learned_cache_path,
+    learned_identity,
+    model_identity,
+)
 from .cache_wrappers import (
     BLOCK_KEY,
     STEP_KEY,
-    BlockPatch,
     CacheHolder,
-    block_diffusion_model_wrapper,
     block_layout,
     cfg_reuse_wrapper,
+    install_block_cache,
     outer_sample_wrapper,
     step_apply_model_wrapper,
     step_diffusion_model_wrapper,
 )
 
-__all__ = ["NODES", "FewstepBlockCache", "FewstepCacheCalibrate", "FewstepStepCache", "calibrate_model"]
+__all__ = ["BLOCK_KEY", "NODES", "STEP_KEY", "FewstepBlockCache", "FewstepCacheCalibrate", "FewstepLearnedCache",
+           "FewstepStepCache", "calibrate_model"]
 
 CATEGORY = "fewstep/caches"
 
@@ -80,14 +94,16 @@ def _common_inputs() -> list:
     return [
         io.Combo.Input("forecast", options=list(FORECASTS), default="none",
                        tooltip="What a skipped call returns: 'none' reuses the last computed residual; 'taylor1' / "
-                               "'taylor2' forecast it with TaylorSeer (finite differences of the computed ones)."),
+                               "'taylor2' forecast it with TaylorSeer (finite differences of the computed ones). "
+                               "Core: forecast='reuse' / 'taylor1' / 'taylor2'."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Skipping is allowed from this fraction of the sampling run (ComfyUI's "
                                "percent_to_sigma) ..."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="... until this fraction; outside, every call computes."),
         io.Int.Input("max_skips", default=0, min=0, max=100,
-                     tooltip="Force a full compute after this many skips in a row (0 = no limit)."),
+                     tooltip="Force a full compute after this many skips in a row (0 = no limit). Core: "
+                             "max_consecutive_skips (None = no limit)."),
         io.String.Input("calibration", default="auto",
                         tooltip="Only teacache and magcache read one. 'auto' looks up the connected model's "
                                 "calibration (by its fingerprint) in models/fewstep_cache_calibrations, "
@@ -129,7 +145,8 @@ class FewstepStepCache(io.ComfyNode):
                                tooltip="teacache: calibrated input change (needs a calibration); "
                                        "teacache_uncalibrated: raw relative input change; easycache: input change x "
                                        "measured transformation rate (no calibration); magcache: calibrated "
-                                       "residual-magnitude ratios (needs a calibration)."),
+                                       "residual-magnitude ratios (needs a calibration). Core: "
+                                       "StepCache(indicator=...), teacache_uncalibrated = 'input'."),
                 _threshold_input(0.1),
                 *_common_inputs(),
                 io.Float.Input("cfg_reuse", default=0.0, min=0.0, max=THRESHOLD_MAX, step=0.001, optional=True,
@@ -200,7 +217,8 @@ class FewstepBlockCache(io.ComfyNode):
                                tooltip="first_block: change of the head blocks' residual (First-Block-Cache); "
                                        "teacache: calibrated change of the hidden state entering the cached blocks; "
                                        "easycache: its change x transformation rate; magcache: calibrated magnitude "
-                                       "ratios; delta_dit: recompute the cached blocks every 'interval' calls."),
+                                       "ratios; delta_dit: recompute the cached blocks every 'interval' calls. Core: "
+                                       "FirstBlockCache(indicator=...), delta_dit = DeltaDiTCache."),
                 _threshold_input(0.1),
                 io.Int.Input("head_blocks", default=1, min=1, max=64,
                              tooltip="First-Block-Cache family: blocks that always run before the cached range."),
@@ -208,7 +226,7 @@ class FewstepBlockCache(io.ComfyNode):
                              tooltip="delta_dit: recompute the cached blocks every this many calls (1 = never skip)."),
                 io.Int.Input("delta_blocks", default=0, min=0, max=64,
                              tooltip="delta_dit: number of blocks cached (back blocks early, front blocks late); "
-                                     "0 = half of the blocks."),
+                                     "0 = half of the blocks. Core: DeltaDiTCache(num_blocks=...)."),
                 io.Float.Input("boundary", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="delta_dit: fraction of the run where caching moves from the back blocks to "
                                        "the front blocks."),
@@ -251,15 +269,82 @@ class FewstepBlockCache(io.ComfyNode):
         label = (f"delta_dit, interval {interval}" if cls_ is DeltaDiTCache
                  else f"{method}, threshold {t:g}, head {head_blocks}") + f", forecast {forecast}"
         m = model.clone()
-        m.model_options["transformer_options"][BLOCK_KEY] = CacheHolder("block", label, make, model, m, layout,
-                                                                        identity)
-        wmp = comfy.patcher_extension.WrappersMP
-        for kind, fn in ((wmp.OUTER_SAMPLE, outer_sample_wrapper(BLOCK_KEY)),
-                         (wmp.DIFFUSION_MODEL, block_diffusion_model_wrapper)):
-            m.remove_wrappers_with_key(kind, BLOCK_KEY)
-            m.add_wrapper_with_key(kind, BLOCK_KEY, fn)
-        for g, (kind, i, _) in enumerate(layout):
-            m.set_model_patch_replace(BlockPatch(g), "dit", kind, i)
+        install_block_cache(m, CacheHolder("block", label, make, model, m, layout, identity), layout)
+        return io.NodeOutput(m)
+
+
+# ----------------------------------------------------------------------------------------------- learned cache
+
+
+def _parse_skip_steps(text: str, node: str) -> list[int] | None:
+    """``"auto"`` / empty -> None (the schedule stored with the predictor); else comma-separated call indices."""
+    t = str(text).strip()
+    if t in ("", "auto"):
+        return None
+    try:
+        steps = [int(v) for v in t.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{node}: skip_steps must be 'auto' or comma-separated call indices like '1,3', got "
+                         f"{text!r}") from None
+    if not steps or min(steps) < 1:
+        raise ValueError(f"{node}: skip_steps are call indices >= 1 within a run (call 0 always computes), got "
+                         f"{text!r}")
+    return steps
+
+
+class FewstepLearnedCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewstepLearnedCache",
+            display_name="fewstep learned cache (DisCa-style predictor)",
+            category=CATEGORY,
+            description="Skips the model's middle transformer blocks at the listed calls of each run and predicts "
+                        "their residual with a small trained network (DisCa, Zou et al. 2025) instead of reusing "
+                        "it: for few-step students, where rule-based caches find nothing to skip. The predictor "
+                        f"file (models/{LEARNED_FOLDER}) is keyed to the weights it was trained on; another "
+                        "model's is refused. State per guidance branch, reset every run.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the predictor was trained for (the embedded digits DiT "
+                                                "or another DiT with a declared block layout)."),
+                io.Combo.Input("predictor", options=learned_cache_files(),
+                               tooltip=f"A learned-cache predictor (.safetensors) in models/{LEARNED_FOLDER}, "
+                                       "written by fewstep's learned-cache training."),
+                io.String.Input("skip_steps", default="auto",
+                                tooltip="Calls of each sampling run (0-based) whose middle blocks are predicted: "
+                                        "'auto' = the schedule the predictor was trained for, or e.g. '1,3'."),
+            ],
+            outputs=[_model_output()],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, predictor: str, skip_steps: str = "auto") -> io.NodeOutput:
+        node = "FewstepLearnedCache"
+        path = learned_cache_path(predictor, node)
+        try:
+            header = read_header(path)
+            check_identity(header["identity"], learned_identity(model), keys=("weights_hash",))
+        except (ValueError, KeyError) as e:  # LearnedCacheMismatchError names both fingerprints
+            raise ValueError(f"{node}: {e}") from e
+        pred, _ = load_predictor(path)
+        meta = header.get("meta", {})
+        steps = _parse_skip_steps(skip_steps, node)
+        steps = steps if steps is not None else meta.get("skip_steps")
+        if not steps:
+            raise ValueError(f"{node}: {path.name} stores no skip schedule; give skip_steps, e.g. '1,3'")
+        layout = block_layout(model)
+        kwargs = dict(head_blocks=int(meta.get("head_blocks", 1)), tail_blocks=int(meta.get("tail_blocks", 0)))
+        try:
+            LearnedCache(pred, steps, **kwargs).block_range(len(layout), float("inf"))
+        except CacheConfigError as e:
+            raise ValueError(f"{node}: {e}") from e
+
+        def make() -> LearnedCache:  # identity checked above (weights); core's config hash is not comparable here
+            return LearnedCache(pred, steps, **kwargs)
+
+        label = f"learned {path.name}, skip {list(steps)}"
+        m = model.clone()
+        install_block_cache(m, CacheHolder("block", label, make, model, m, layout), layout)
         return io.NodeOutput(m)
 
 
@@ -284,9 +369,10 @@ class FewstepCacheCalibrate(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="A typical latent (size and batch of your generations)."),
                 io.Combo.Input("sampler_name", options=list(CALIBRATION_SAMPLERS), default="dpmpp_2m",
                                tooltip="A one-evaluation-per-step sampler, so consecutive calls are consecutive "
-                                       "steps."),
+                                       "steps. Core: calibrate(sampler=...)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
-                               tooltip="Scheduler; calibrate with a schedule like the one you sample with."),
+                               tooltip="Scheduler; calibrate with a schedule like the one you sample with. Core: "
+                                       "calibrate(schedule=...)."),
                 io.Int.Input("steps", default=30, min=4, max=200,
                              tooltip="Steps per calibration run (like the step count you sample with)."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1,
@@ -315,4 +401,4 @@ class FewstepCacheCalibrate(io.ComfyNode):
         return io.NodeOutput(model, json.dumps(summary, indent=1))
 
 
-NODES: list[type[io.ComfyNode]] = [FewstepStepCache, FewstepBlockCache, FewstepCacheCalibrate]
+NODES: list[type[io.ComfyNode]] = [FewstepStepCache, FewstepBlockCache, FewstepLearnedCache, FewstepCacheCalibrate]

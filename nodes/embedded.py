@@ -51,7 +51,7 @@ class FewstepDigitsClassCondition(io.ComfyNode):
                         f"null class {NULL_CLASS} (unconditional), for classifier-free guidance.",
             inputs=[
                 io.Int.Input("digit", default=3, min=0, max=NUM_CLASSES - 1,
-                             tooltip="The digit to draw (0-9)."),
+                             tooltip="The digit to draw (0-9). Core: the class_labels condition."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="The requested digit."),

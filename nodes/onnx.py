@@ -367,7 +367,8 @@ class FewstepOnnxExport(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="1 = export the network alone. Otherwise fold classifier-free guidance into "
                                        "the graph (cond and null class in one batch; this is the default scale, "
-                                       "changeable at run time): one ONNX call per step at any scale."),
+                                       "changeable at run time): one ONNX call per step at any scale. Core: "
+                                       "export_onnx of CFGDenoiser(scale=cfg)."),
                 io.Boolean.Input("fp16", default=False,
                                  tooltip="Write an fp16 graph (half the size, for GPUs; inputs and outputs stay "
                                          "float32). fp32 matches the torch model to ~1e-6."),

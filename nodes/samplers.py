@@ -162,23 +162,29 @@ def _sampler_output() -> io.Sampler.Output:
     return io.Sampler.Output(tooltip="Connect to SamplerCustom or SamplerCustomAdvanced.")
 
 
-class FewstepSamplerLCM(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FewstepSamplerLCM",
-            display_name="fewstep LCM / multistep consistency sampler",
-            category=CATEGORY,
-            description="Multistep consistency sampling (Song et al. 2023; LCM, Luo et al. 2023): jump to the "
-                        "model's x0 prediction, re-noise to the next sigma with fresh noise. For consistency / LCM "
-                        "distilled models, 1-8 steps.",
-            inputs=[],
-            outputs=[_sampler_output()],
-        )
+def _fixed_sampler_node(node_id: str, display_name: str, sampler: str, description: str) -> type[io.ComfyNode]:
+    """A node without inputs whose SAMPLER is fewstep's ``sampler`` (``COMFY_SAMPLERS``)."""
 
-    @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS["lcm"]))
+    class _Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                             inputs=[], outputs=[_sampler_output()])
+
+        @classmethod
+        def execute(cls) -> io.NodeOutput:
+            return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS[sampler]))
+
+    _Node.__name__ = _Node.__qualname__ = node_id
+    return _Node
+
+
+FewstepSamplerLCM = _fixed_sampler_node(
+    "FewstepSamplerLCM", "fewstep LCM / multistep consistency sampler", "lcm",
+    "Multistep consistency sampling (Song et al. 2023; LCM, Luo et al. 2023): jump to the "
+    "model's x0 prediction, re-noise to the next sigma with fresh noise. For consistency / LCM "
+    "distilled models, 1-8 steps.",
+)
 
 
 class FewstepSamplerTCD(io.ComfyNode):
@@ -203,60 +209,27 @@ class FewstepSamplerTCD(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS["tcd"], extra_options={"gamma": float(gamma)}))
 
 
-class FewstepSamplerDMD(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FewstepSamplerDMD",
-            display_name="fewstep DMD multistep sampler",
-            category=CATEGORY,
-            description="DMD2 multistep generation (Yin et al. 2024): predict x0 at each of the generator's "
-                        "training timesteps and forward-diffuse it to the next. Pair it with 'fewstep timestep "
-                        "schedule' set to the model's timesteps (e.g. 999,749,499,249).",
-            inputs=[],
-            outputs=[_sampler_output()],
-        )
-
-    @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS["dmd"]))
+FewstepSamplerDMD = _fixed_sampler_node(
+    "FewstepSamplerDMD", "fewstep DMD multistep sampler", "dmd",
+    "DMD2 multistep generation (Yin et al. 2024): predict x0 at each of the generator's "
+    "training timesteps and forward-diffuse it to the next. Pair it with 'fewstep timestep "
+    "schedule' set to the model's timesteps (e.g. 999,749,499,249).",
+)
 
 
-class FewstepSamplerFlowMap(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FewstepSamplerFlowMap",
-            display_name="fewstep flow-map / any-step sampler",
-            category=CATEGORY,
-            description="Any-step sampling with a flow map (Boffi et al. 2025; Sabour et al. 2025): "
-                        "x_s = x_t + (s - t) u(x_t, t, s). The target sigma s is passed to the model in "
-                        f"transformer_options['{TARGET_SIGMA_KEY}']; a model that ignores it samples with Euler.",
-            inputs=[],
-            outputs=[_sampler_output()],
-        )
-
-    @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS["flow_map"]))
+FewstepSamplerFlowMap = _fixed_sampler_node(
+    "FewstepSamplerFlowMap", "fewstep flow-map / any-step sampler", "flow_map",
+    "Any-step sampling with a flow map (Boffi et al. 2025; Sabour et al. 2025): "
+    "x_s = x_t + (s - t) u(x_t, t, s). The target sigma s is passed to the model in "
+    f"transformer_options['{TARGET_SIGMA_KEY}']; a model that ignores it samples with Euler.",
+)
 
 
-class FewstepSamplerOneStep(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FewstepSamplerOneStep",
-            display_name="fewstep one-step sampler",
-            category=CATEGORY,
-            description="One-step generation (InstaFlow, DMD one-step): a single model evaluation at the first "
-                        "sigma gives the sample; the remaining sigmas are ignored.",
-            inputs=[],
-            outputs=[_sampler_output()],
-        )
-
-    @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(COMFY_SAMPLERS["onestep"]))
+FewstepSamplerOneStep = _fixed_sampler_node(
+    "FewstepSamplerOneStep", "fewstep one-step sampler", "onestep",
+    "One-step generation (InstaFlow, DMD one-step): a single model evaluation at the first "
+    "sigma gives the sample; the remaining sigmas are ignored.",
+)
 
 
 class FewstepSamplerTeacher(io.ComfyNode):
@@ -271,7 +244,8 @@ class FewstepSamplerTeacher(io.ComfyNode):
             inputs=[
                 io.Combo.Input("sampler_name", options=list(TEACHER_SAMPLERS), default="uni_pc",
                                tooltip="euler / heun: Karras et al. 2022; euler_ancestral: stochastic; dpmpp_2m: "
-                                       "DPM-Solver++(2M); uni_pc: UniPC-2 (bh2), good at 5-10 steps."),
+                                       "DPM-Solver++(2M); uni_pc: UniPC-2 (bh2), good at 5-10 steps. Core: "
+                                       "get_sampler(name)."),
             ],
             outputs=[_sampler_output()],
         )
@@ -310,7 +284,8 @@ class FewstepSamplerHybrid(io.ComfyNode):
                                               "reuse the base run's conditioning (same text encoder)."),
                 io.Conditioning.Input("distilled_negative", optional=True,
                                       tooltip="Negative conditioning for the distilled model (only used with "
-                                              "distilled_positive and distilled_cfg != 1)."),
+                                              "distilled_positive and distilled_cfg != 1). Core: distilled_cfg and "
+                                              "the conditionings become sample_hybrid's distilled_extra_args."),
             ],
             outputs=[_sampler_output()],
         )

@@ -105,7 +105,7 @@ class FewstepScheduleSearch(io.ComfyNode):
                                                         "its content is not used."),
                 io.Combo.Input("sampler_name", options=list(SEARCH_SAMPLERS), default="euler",
                                tooltip="The sampler the schedule is for (use the same fewstep teacher sampler to "
-                                       "sample)."),
+                                       "sample). Core: search_schedule(sampler=...)."),
                 io.Int.Input("nfe", default=6, min=1, max=100,
                              tooltip="Model evaluations the schedule may spend (heun: 2 per step but the last)."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -114,7 +114,7 @@ class FewstepScheduleSearch(io.ComfyNode):
                              tooltip="Seed of the search's noise batch."),
                 io.Int.Input("search_batch", default=8, min=1, max=256,
                              tooltip="Noise samples the schedule is fitted on; more generalises better, costs "
-                                     "proportionally more."),
+                                     "proportionally more. Core: the batch of search_schedule's x."),
                 io.Int.Input("grid_size", default=40, min=3, max=200,
                              tooltip="Candidate sigmas (log-spaced), at least nfe + 1. The reference costs "
                                      "2 x reference_substeps evaluations per grid point."),
@@ -122,7 +122,8 @@ class FewstepScheduleSearch(io.ComfyNode):
                              tooltip="Rounds of coordinate descent on the global error after the DP (0 = DP only)."),
                 io.Int.Input("reference_substeps", default=8, min=1, max=64,
                              tooltip="Heun substeps per grid interval of the fine reference trajectory (2 model "
-                                     "evaluations each); fewer is faster and less exact."),
+                                     "evaluations each); fewer is faster and less exact. Core: "
+                                     "search_schedule(substeps=...)."),
             ],
             outputs=[
                 io.Sigmas.Output(tooltip="The searched sigmas, ending in 0."),
@@ -207,6 +208,18 @@ class Preset:
     source: str
 
 
+def _hyper_sd(n: int) -> Preset:
+    """Hyper-SD's n-step LoRAs (Ren et al. 2024): DDIM with trailing timesteps."""
+    return Preset(tuple(_trailing(n)), "timestep", f"Hyper-SD15 / Hyper-SDXL {n}-step LoRA",
+                  f"huggingface.co/ByteDance/Hyper-SD README: DDIMScheduler timestep_spacing='trailing', {n} steps")
+
+
+def _sdxl_lightning(n: int) -> Preset:
+    """SDXL-Lightning's n-step UNets / LoRAs (Lin et al. 2024): Euler with trailing timesteps."""
+    return Preset(tuple(_trailing(n)), "timestep", f"sdxl_lightning_{n}step(_unet/_lora)",
+                  "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler timestep_spacing='trailing'")
+
+
 #: preset name -> published schedule (each ``source`` says where the numbers come from)
 PRESETS: dict[str, Preset] = {
     "DMD2 SDXL 4-step": Preset((999.0, 749.0, 499.0, 249.0), "timestep", "DMD2 SDXL 4-step UNet / LoRA",
@@ -222,24 +235,14 @@ PRESETS: dict[str, Preset] = {
     "TCD 4-step": Preset(tuple(_lcm(4)), "timestep", "TCD-LoRA SD1.5 / SDXL (h1t/TCD-SDXL-LoRA)",
                          "diffusers TCDScheduler (original_inference_steps=50).set_timesteps(4), as the TCD model card "
                          "uses it (gamma/eta 0.3)"),
-    "Hyper-SD 8-step": Preset(tuple(_trailing(8)), "timestep", "Hyper-SD15 / Hyper-SDXL 8-step LoRA",
-                              "huggingface.co/ByteDance/Hyper-SD README: DDIMScheduler timestep_spacing='trailing', "
-                              "8 steps"),
-    "Hyper-SD 4-step": Preset(tuple(_trailing(4)), "timestep", "Hyper-SD15 / Hyper-SDXL 4-step LoRA",
-                              "huggingface.co/ByteDance/Hyper-SD README: DDIMScheduler timestep_spacing='trailing', "
-                              "4 steps"),
+    "Hyper-SD 8-step": _hyper_sd(8),
+    "Hyper-SD 4-step": _hyper_sd(4),
     "Hyper-SDXL 1-step UNet": Preset((800.0,), "timestep", "Hyper-SDXL-1step-Unet",
                                      "huggingface.co/ByteDance/Hyper-SD comfyui/ComfyUI-HyperSDXL1StepUnetScheduler: "
                                      "timesteps [800] (diffusers: TCDScheduler, timesteps=[800])"),
-    "SDXL-Lightning 2-step": Preset(tuple(_trailing(2)), "timestep", "sdxl_lightning_2step(_unet/_lora)",
-                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
-                                    "timestep_spacing='trailing'"),
-    "SDXL-Lightning 4-step": Preset(tuple(_trailing(4)), "timestep", "sdxl_lightning_4step(_unet/_lora)",
-                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
-                                    "timestep_spacing='trailing'"),
-    "SDXL-Lightning 8-step": Preset(tuple(_trailing(8)), "timestep", "sdxl_lightning_8step(_unet/_lora)",
-                                    "huggingface.co/ByteDance/SDXL-Lightning README: EulerDiscreteScheduler "
-                                    "timestep_spacing='trailing'"),
+    "SDXL-Lightning 2-step": _sdxl_lightning(2),
+    "SDXL-Lightning 4-step": _sdxl_lightning(4),
+    "SDXL-Lightning 8-step": _sdxl_lightning(8),
     "Wan 2.2 Lightning 4-step (shift 5)": Preset(
         tuple(_shifted(4, 5.0)), "sigma", "Wan2.2-Lightning / lightx2v Wan 2.2 A14B 4-step (high-noise expert for the "
         "first 2 steps, low-noise for the last 2)",

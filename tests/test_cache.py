@@ -591,11 +591,57 @@ def _qwen():
     return net, (1, 16, 16), call, list(net.transformer_blocks)
 
 
+def _hunyuan():
+    torch.manual_seed(0)
+    net = diffusers.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                   attention_head_dim=8, num_layers=2, num_single_layers=2,
+                                                   num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+                                                   rope_axes_dim=(2, 2, 4), guidance_embeds=False).eval()
+    ctx, mask, pooled = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long), torch.randn(1, 8)
+
+    def call(x, t):
+        return net(hidden_states=x, timestep=t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                   pooled_projections=pooled, return_dict=False)[0]
+
+    return net, (1, 4, 1, 8, 8), call, [*net.transformer_blocks, *net.single_transformer_blocks]
+
+
+def _cogvideox():
+    torch.manual_seed(0)
+    net = diffusers.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=4, time_embed_dim=16, text_embed_dim=16, num_layers=3,
+                                                sample_width=8, sample_height=8, sample_frames=1,
+                                                temporal_compression_ratio=1, max_text_seq_length=5).eval()
+    ctx = torch.randn(1, 5, 16)
+    return net, (1, 1, 4, 8, 8), lambda x, t: net(hidden_states=x, encoder_hidden_states=ctx, timestep=t,
+                                                  return_dict=False)[0], list(net.transformer_blocks)
+
+
+def _flux2():
+    torch.manual_seed(0)
+    net = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=3,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+                                            guidance_embeds=False).eval()
+    ctx = torch.randn(1, 5, 16)
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4, torch.zeros(16)], -1)
+    txt_ids = torch.stack([torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.arange(5.0)], -1)
+
+    def call(x, t):
+        return net(hidden_states=x, encoder_hidden_states=ctx, timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids,
+                   return_dict=False)[0]
+
+    return net, (1, 16, 16), call, list(net.single_transformer_blocks)
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("build", [_wan, _qwen], ids=["wan", "qwen_image"])
+@pytest.mark.parametrize("build", [_wan, _qwen, _hunyuan, _cogvideox, _flux2],
+                         ids=["wan", "qwen_image", "hunyuan_video", "cogvideox", "flux2"])
 def test_declared_layouts_of_video_and_qwen_transformers(build):
-    """Block caches on diffusers' Wan and Qwen-Image transformers through their declared layouts (Wan: a tensor
-    per block, the text as context; Qwen-Image: (encoder, hidden) streams): exact at threshold 0, real skips above."""
+    """Block caches on diffusers' Wan, Qwen-Image, HunyuanVideo, CogVideoX and Flux.2 transformers (tiny random
+    instances) through their declared layouts (Wan: a tensor per block, the text as context; Qwen-Image: (encoder,
+    hidden) streams; HunyuanVideo / CogVideoX: (hidden, encoder); Flux.2: its single-stream blocks): exact at
+    threshold 0, real skips above."""
     from fewstep.core.models import FlowMatching
 
     net, shape, call, blocks = build()

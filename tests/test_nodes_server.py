@@ -35,7 +35,7 @@ EMBEDDED_NODES = {
     "FewstepDigitsModelLoader", "FewstepDigitsClassCondition", "FewstepDigitsEmptyLatent",
     "FewstepDigitsLatentToImage",
 }
-CACHE_NODES = {"FewstepStepCache", "FewstepBlockCache", "FewstepCacheCalibrate"}
+CACHE_NODES = {"FewstepStepCache", "FewstepBlockCache", "FewstepLearnedCache", "FewstepCacheCalibrate"}
 ATTENTION_NODES: set[str] = {"FewstepSparseAttention"}
 GUIDANCE_NODES: set[str] = {"FewstepGuidanceAdapterLoader"}
 ONNX_NODES: set[str] = {"FewstepOnnxExport", "FewstepOnnxLoader"}

@@ -178,6 +178,20 @@ for _name in ("FluxTransformer2DModel", "ChromaTransformer2DModel"):
 register_block_layout("diffusers", "SD3Transformer2DModel", BlockLayout((BlockList("transformer_blocks", _DUAL),)))
 register_block_layout("diffusers", "QwenImageTransformer2DModel",
                       BlockLayout((BlockList("transformer_blocks", _DUAL),), modulated=None))
+# HunyuanVideo: dual-stream then single-stream blocks, both called (hidden, encoder, temb, ...) and returning
+# (hidden, encoder) (diffusers 0.42 models/transformers/transformer_hunyuan_video.py)
+register_block_layout("diffusers", "HunyuanVideoTransformer3DModel",
+                      BlockLayout((BlockList("transformer_blocks", ("hidden", "encoder")),
+                                   BlockList("single_transformer_blocks", ("hidden", "encoder")))))
+# CogVideoX: one list returning (hidden, encoder); norm1 (CogVideoXLayerNormZero) gives the modulated input first
+register_block_layout("diffusers", "CogVideoXTransformer3DModel",
+                      BlockLayout((BlockList("transformer_blocks", ("hidden", "encoder")),)))
+# Flux.2: the double blocks return (encoder, hidden); the model then concatenates text and image tokens and the
+# single blocks carry the joint tensor (encoder_hidden_states=None), so no cached range may cross from one list to
+# the other: the layout declares the single-stream blocks (most of the network: 48 of 56 blocks in Flux.2-dev) and
+# the double blocks always run. Their modulation comes from outside the block (temb_mod): no TeaCache signal.
+register_block_layout("diffusers", "Flux2Transformer2DModel",
+                      BlockLayout((BlockList("single_transformer_blocks"),), encoder_arg=None, modulated=None))
 # Wan 2.1 / 2.2: the text is cross-attention context, not a stream the blocks update
 register_block_layout("diffusers", "WanTransformer3DModel", BlockLayout((BlockList("blocks"),), encoder_arg=None,
                                                                         modulated=None))

@@ -4,6 +4,8 @@
   guidance folded in) to ONNX with fewstep metadata; ``convert_file_to_fp16(src, dst)`` for an existing export;
   ``export_onnx_atomic`` writes through a temporary file and a rename (no half-written file on failure).
 - ``OnnxDenoiser``, ``generate`` (numpy + onnxruntime only): sample an export on the device.
+- ``export_learned_cache`` / ``OnnxLearnedCacheDenoiser``: the same with a learned cache on (a full and a partial
+  graph, switched per call by the exported skip plan).
 
 Names resolve lazily so that importing this package imports neither torch nor onnxruntime; the runtime modules
 (``runtime``, ``np_sampling``, ``metadata``) never import torch.
@@ -25,6 +27,8 @@ _LAZY = {
     "resolve_sigmas": "runtime",
     "grid_uint8": "runtime",
     "OnnxModelError": "metadata",
+    "export_learned_cache": "learned_cache",
+    "OnnxLearnedCacheDenoiser": "cached_runtime",
     "METADATA_KEY": "metadata",
 }
 

@@ -40,7 +40,8 @@ METADATA_KEY = "fewstep"
 FORMAT = "fewstep-onnx"
 VERSION = 1
 
-ROLES = ("sample", "timestep", "condition", "guidance", "target")
+#: input roles; ``"cache"``: a learned-cache state input of a partial graph (``core.export.learned_cache``)
+ROLES = ("sample", "timestep", "condition", "guidance", "target", "cache")
 GUIDANCE_MODES = ("cfg_folded", "embedded")
 GUIDANCE_CONVENTIONS = ("fewstep", "lcm_omega")
 #: samplers the numpy runtime offers: ``RUNTIME_SAMPLERS`` re-exported from ``core.sampling.registry``

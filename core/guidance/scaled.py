@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import expand_null, is_embedding_cond
 from .cfg import cfg_combine
 
 
@@ -27,23 +28,35 @@ def guided_denoise(denoiser: nn.Module, x: Tensor, sigma: Tensor | float, scale:
                    **cond: Any) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``D_w(x) = D(x, null) + w (D(x, c) - D(x, null))`` with a scalar or per-sample ``w``.
 
+    ``null`` is a class id or, for precomputed text embeddings, a mapping of null embeddings (``core.conditioning``).
     With ``return_parts`` returns ``(guided, cond_out, uncond_out)``. When every scale is 1 and the parts are not
     asked for, the unconditional pass is skipped.
     """
-    if cond_key not in cond:
-        raise ValueError(f"guided_denoise needs the condition '{cond_key}'")
+    embed = is_embedding_cond(null)
+    missing = [k for k in (null if embed else (cond_key,)) if k not in cond]
+    if missing:
+        raise ValueError(f"guided_denoise needs the condition(s) {missing}")
     scale_t = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1)
     if scale_t.numel() not in (1, x.shape[0]):
         raise ValueError(f"guidance scale has {scale_t.numel()} entries for a batch of {x.shape[0]}")
     if not return_parts and bool((scale_t == 1).all()):
         return denoiser(x, sigma, **cond)
-    c = cond.pop(cond_key)
-    c = torch.as_tensor(c, device=x.device)
-    if c.ndim == 0:
-        c = c.expand(x.shape[0])
-    nul = _null_like(null, c, x.device)
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-    out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **{cond_key: torch.cat([c, nul])}, **cond)
+    if embed:  # precomputed embeddings: the null's keys are replaced, per-sample others (SDXL time ids) repeated
+        b = x.shape[0]
+        c = {k: cond.pop(k) for k in null}
+        nul = expand_null(null, b, x.device)
+        both = {k: torch.cat([c[k].expand(b, *c[k].shape[1:]), nul[k].to(c[k].dtype)]) for k in c}
+        rest = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim and v.shape[0] == b else v
+                for k, v in cond.items()}
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **rest)
+    else:
+        c = cond.pop(cond_key)
+        c = torch.as_tensor(c, device=x.device)
+        if c.ndim == 0:
+            c = c.expand(x.shape[0])
+        nul = _null_like(null, c, x.device)
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **{cond_key: torch.cat([c, nul])}, **cond)
     cond_out, uncond_out = out.chunk(2)
     guided = cfg_combine(cond_out, uncond_out, scale_t if scale_t.numel() > 1 else scale_t[0])
     return (guided, cond_out, uncond_out) if return_parts else guided

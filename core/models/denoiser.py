@@ -126,3 +126,35 @@ def _dtype_error(den: Denoiser, x: Tensor, err: RuntimeError) -> TypeError | Non
         return None
     return TypeError(f"{den.name}: input x is {x.dtype} but the model weights are {p.dtype}; cast the input "
                      f"(x.to({p.dtype})) or the model (.to({x.dtype})) so they match (torch: {str(err)[:160]})")
+
+
+class CastCall:
+    """A ``Denoiser`` call adapter that runs the network in ``dtype`` (e.g. a bf16 teacher): the scaled input, the
+    timestep and floating conditions are cast to ``dtype``, the output back to the input's dtype, so the model
+    sampling around the call stays in float32."""
+
+    def __init__(self, call: ModelCall, dtype: torch.dtype):
+        self.call, self.dtype = call, dtype
+
+    def __call__(self, module: nn.Module, x_in: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        cast = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in cond.items()}
+        return self.call(module, x_in.to(self.dtype), t.to(self.dtype), **cast).to(x_in.dtype)
+
+
+def cast_denoiser(den: Denoiser, dtype: torch.dtype | str) -> Denoiser:
+    """Run ``den``'s network in ``dtype`` (weights cast in place, inputs and outputs through ``CastCall``); the model
+    sampling stays float32. Returns ``den``."""
+    if isinstance(dtype, str):
+        dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "fp32": torch.float32, "float32": torch.float32}.get(dtype)
+        if dt is None:
+            raise ValueError(f"dtype must be one of bf16, fp16, fp32 (or a torch dtype), got {dtype!r}")
+        dtype = dt
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"cast_denoiser needs a fewstep Denoiser, got {type(den).__name__}")
+    den.model.to(dtype)
+    if not isinstance(den.call, CastCall):
+        den.call = CastCall(den.call, dtype)
+    else:
+        den.call.dtype = dtype
+    return den

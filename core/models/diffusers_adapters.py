@@ -15,10 +15,19 @@ from torch import Tensor, nn
 from .denoiser import Denoiser, unwrap_output
 from .model_sampling import DiscreteVP, FlowMatching, ModelSampling
 
+#: condition keywords an SDXL-style UNet2DConditionModel takes inside ``added_cond_kwargs`` (addition_embed_type
+#: "text_time": the pooled text embedding and the six size/crop ids, Podell et al. 2023, "SDXL", sec. 2.2)
+ADDED_COND_KEYS = ("text_embeds", "time_ids", "image_embeds", "hint")
+
 
 def call_unet(module: nn.Module, x_in: Tensor, t: Tensor, **cond: Any) -> Tensor:
     """UNet2DModel(sample, timestep, class_labels=...) / UNet2DConditionModel(sample, timestep,
-    encoder_hidden_states=...)."""
+    encoder_hidden_states=..., added_cond_kwargs=...). The added conditions of an SDXL-shaped UNet come as flat
+    keywords (``text_embeds``, ``time_ids``: one row per sample, like every other condition) and are gathered into
+    ``added_cond_kwargs`` here."""
+    added = {k: cond.pop(k) for k in ADDED_COND_KEYS if k in cond}
+    if added:
+        cond["added_cond_kwargs"] = {**cond.get("added_cond_kwargs", {}), **added}
     return unwrap_output(module(x_in, t, **cond))
 
 
@@ -74,19 +83,30 @@ def call_flux(module: nn.Module, x_in: Tensor, t: Tensor, encoder_hidden_states:
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def call_wan(module: nn.Module, x_in: Tensor, t: Tensor, encoder_hidden_states: Tensor, **cond: Any) -> Tensor:
+    """WanTransformer3DModel(hidden_states (B, C, F, H, W), timestep, encoder_hidden_states) (Wan 2.1, Wan Team
+    2025; flow matching with timestep = 1000 sigma); the sample is the 5-D video latent itself."""
+    return unwrap_output(module(hidden_states=x_in, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                                **cond))
+
+
 _CALLS = {
     "UNet2DModel": call_unet,
     "UNet2DConditionModel": call_unet,
     "DiTTransformer2DModel": call_dit,
     "SD3Transformer2DModel": call_sd3,
     "FluxTransformer2DModel": call_flux,
+    "WanTransformer3DModel": call_wan,
 }
 
 
 def default_model_sampling(module: nn.Module) -> ModelSampling:
     """A sensible ``ModelSampling`` for a diffusers class: SD-style discrete eps for UNets/DiT, flow for
-    SD3 (timestep = 1000 sigma) and Flux (timestep = sigma)."""
+    SD3 (timestep = 1000 sigma), Flux (timestep = sigma) and Wan 2.1 (timestep = 1000 sigma, shift 5 as its 480p
+    pipeline)."""
     name = type(module).__name__
+    if name == "WanTransformer3DModel":
+        return FlowMatching(shift=5.0, multiplier=1000.0)
     if name == "FluxTransformer2DModel":
         return FlowMatching(shift=3.0, multiplier=1.0)
     if name == "SD3Transformer2DModel":
@@ -96,7 +116,7 @@ def default_model_sampling(module: nn.Module) -> ModelSampling:
 
 def diffusers_denoiser(module: nn.Module, model_sampling: ModelSampling | None = None, **kwargs: Any) -> Denoiser:
     """Wrap a diffusers model (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel,
-    FluxTransformer2DModel) as a fewstep ``Denoiser``."""
+    FluxTransformer2DModel, WanTransformer3DModel) as a fewstep ``Denoiser``."""
     name = type(module).__name__
     call = _CALLS.get(name)
     if call is None:

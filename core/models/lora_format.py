@@ -35,12 +35,25 @@ def merge_lora(weight: Tensor, down: Tensor, up: Tensor, alpha: float | None = N
     return (weight.float() + strength * delta.reshape(weight.shape)).to(weight.dtype)
 
 
+#: key prefix of the kohya / diffusers-UNet LoRA form: ``lora_unet_<diffusers module path with "_" for ".">``
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+
+def lora_key_prefix(network: object) -> str:
+    """The LoRA key prefix ComfyUI maps onto ``network``'s weights: a diffusers ``UNet2DConditionModel`` is loaded
+    by ComfyUI under other (ldm) module paths, which ``model_lora_keys_unet`` reaches from the kohya form
+    ``lora_unet_<diffusers path>`` (``KOHYA_UNET_PREFIX``); every other network keeps ComfyUI's generic
+    ``diffusion_model.<module path>`` (``COMFY_PREFIX``)."""
+    return KOHYA_UNET_PREFIX if type(network).__name__ == "UNet2DConditionModel" else COMFY_PREFIX
+
+
 def comfy_lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor, float | None]], prefix: str = COMFY_PREFIX,
                           dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """ComfyUI LoRA tensors from ``{module path: (down (r x in), up (out x r), alpha)}``."""
+    """ComfyUI LoRA tensors from ``{module path: (down (r x in), up (out x r), alpha)}``. With the kohya prefix
+    (``KOHYA_UNET_PREFIX``) the module path's dots become underscores."""
     out: dict[str, Tensor] = {}
     for name, (down, up, alpha) in factors.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{name.replace('.', '_')}" if prefix == KOHYA_UNET_PREFIX else f"{prefix}{name}"
         out[f"{key}.lora_down.weight"] = down.detach().to(dtype or down.dtype).contiguous().cpu()
         out[f"{key}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous().cpu()
         if alpha is not None:
@@ -51,10 +64,16 @@ def comfy_lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor, float | No
 def comfy_diff_state_dict(deltas: Mapping[str, Tensor], prefix: str = COMFY_PREFIX,
                           dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """ComfyUI "diff" tensors from ``{state-dict key: delta}``: ``*.weight -> <prefix><module>.diff``,
-    ``*.bias -> <prefix><module>.diff_b``; other keys use the generic ``<prefix><key>.diff`` form."""
+    ``*.bias -> <prefix><module>.diff_b``; other keys use the generic ``<prefix><key>.diff`` form (with the kohya
+    prefix only weights and biases, dots as underscores)."""
     out: dict[str, Tensor] = {}
     for key, delta in deltas.items():
         d = delta.detach().to(dtype or delta.dtype).contiguous().cpu()
+        if prefix == KOHYA_UNET_PREFIX:  # module path with "_" for "."; ComfyUI maps weight and bias through it
+            module, _, leaf = key.rpartition(".")
+            if leaf in ("weight", "bias"):
+                out[f"{prefix}{module.replace('.', '_')}.{'diff' if leaf == 'weight' else 'diff_b'}"] = d
+            continue
         if key.endswith(".weight"):
             out[f"{prefix}{key[: -len('.weight')]}.diff"] = d
         elif key.endswith(".bias"):

@@ -28,6 +28,11 @@ from typing import Any
 
 from .xp import Array, array_namespace, namespace
 
+__all__ = [
+    "BETA_SCHEDULES", "EDM", "DiscreteVP", "FlowMatching", "ModelSampling", "alpha_sigma", "broadcast_sigma",
+    "flow_time_shift", "get_model_sampling", "is_flow", "make_betas", "model_sampling_from_config",
+]
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 

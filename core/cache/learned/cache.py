@@ -81,6 +81,8 @@ class LearnedCache(BlockCache):
         self.skip_steps = frozenset(steps)
         self.head_blocks, self.tail_blocks = int(head_blocks), int(tail_blocks)
         self.identity = identity
+        #: end-to-end training (``core.cache.learned.finetune``): gradients flow through the predictor
+        self.trainable = False
         self._state: dict[Hashable, _State] = {}
 
     @classmethod
@@ -164,8 +166,11 @@ class LearnedCache(BlockCache):
         st.sigma_c = s
         self.stats["computed"] += 1
 
-    @torch.no_grad()
     def predict(self, x: Feature, key: Hashable = None) -> Feature:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._predict(x, key)
+
+    def _predict(self, x: Feature, key: Hashable = None) -> Feature:
         st, s = self._take(key, False)
         h = _hidden(x)
         dev = next(self.predictor.parameters()).device

@@ -10,9 +10,11 @@ fingerprints.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...io import atomic_path
@@ -25,24 +27,34 @@ class LearnedCacheMismatchError(ValueError):
     """A learned-cache predictor was loaded for a model it was not trained on."""
 
 
+def network_weights_hash(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``weights_fingerprint`` of named weights in name order, so two hosts that hold the same network with the same
+    parameter names (core's diffusers DiT, ComfyUI's digits DiT) agree whatever order their modules register in."""
+    from ..identity import weights_fingerprint
+
+    return weights_fingerprint(sorted(named, key=lambda kv: kv[0]))
+
+
 def model_identity(model: nn.Module, model_sampling: Any = None, name: str | None = None) -> dict[str, str]:
     """``{"name", "config_hash", "weights_hash"}`` of a denoiser (or a wrapper around one) or a bare network."""
-    from ..identity import find_denoiser, model_fingerprint, weights_fingerprint
+    from ..identity import find_denoiser, model_fingerprint
 
     den = find_denoiser(model)
     net = den.model if den is not None else model
     model_name, config_hash = model_fingerprint(model, model_sampling, name)
-    return {"name": model_name, "config_hash": config_hash, "weights_hash": weights_fingerprint(net.named_parameters())}
+    return {"name": model_name, "config_hash": config_hash,
+            "weights_hash": network_weights_hash(net.named_parameters())}
 
 
 def describe(identity: dict[str, str]) -> str:
     return f"{identity.get('name')} (config {identity.get('config_hash')}, weights {identity.get('weights_hash')})"
 
 
-def check_identity(expected: dict[str, str], actual: dict[str, str], what: str = "predictor") -> None:
-    """Raise ``LearnedCacheMismatchError`` naming both fingerprints unless config and weights hashes agree."""
-    if expected.get("config_hash") != actual.get("config_hash") or \
-            expected.get("weights_hash") != actual.get("weights_hash"):
+def check_identity(expected: dict[str, str], actual: dict[str, str], what: str = "predictor",
+                   keys: Sequence[str] = ("config_hash", "weights_hash")) -> None:
+    """Raise ``LearnedCacheMismatchError`` naming both fingerprints unless the hashes ``keys`` agree (a host that
+    cannot compute core's config hash, such as ComfyUI, compares the weights alone)."""
+    if any(expected.get(k) != actual.get(k) for k in keys):
         raise LearnedCacheMismatchError(
             f"this learned-cache {what} was trained for {describe(expected)} but the model is {describe(actual)}; "
             "train one for this model (fewstep.callbacks.learned_cache.LearnedCacheModule) or load the predictor "

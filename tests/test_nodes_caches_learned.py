@@ -1,0 +1,149 @@
+"""The learned cache in ComfyUI (``FewstepLearnedCache``): its samples equal core's ``LearnedCache`` through the
+diffusers hooks on the same network and noise; a predictor of other weights is refused with both fingerprints named;
+state is per run and per clone; only files inside ``models/fewstep_learned_caches`` are read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_thread")]
+
+SKIP = [1, 3]
+STEPS, SEED, BATCH, CFG = 5, 3, 2, 2.0
+
+
+@pytest.fixture(scope="module")
+def env(comfy_root):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    import folder_paths
+
+    from fewstep.nodes import caches, embedded, embedded_model
+
+    model = embedded_model.load_digits_model(embedded_model.RANDOM_NAME)
+    return type("Env", (), dict(cs=cs, samplers=comfy.samplers, C=caches, E=embedded, EM=embedded_model,
+                                model=model, folder_paths=folder_paths))
+
+
+def _twin(env):
+    """Core's diffusers DiT with the ComfyUI model's weights, as a CFG denoiser (scale CFG)."""
+    from fewstep.core.guidance import CFGDenoiser
+    from fewstep.core.models import DiscreteVP
+    from fewstep.core.models.embedded import build_dit, dit_denoiser
+
+    twin = build_dit()
+    twin.load_state_dict(env.model.model.diffusion_model.dit.state_dict())
+    twin.eval().requires_grad_(False)
+    den = dit_denoiser(twin, DiscreteVP("v", "linear", 1e-4, 0.02, quantize=True))
+    return den, CFGDenoiser(den, scale=CFG)
+
+
+def _predictor(dim: int, seed: int = 0):
+    """A predictor with every weight nonzero (an untrained one is exactly reuse; this one really predicts)."""
+    from fewstep.core.cache.learned import ResidualPredictor
+
+    pred = ResidualPredictor(dim, rank=8, mix=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return pred.eval()
+
+
+@pytest.fixture
+def folder(env, tmp_path, monkeypatch):
+    """A fresh learned-cache folder in place of models/fewstep_learned_caches holding a predictor of the model."""
+    from fewstep.core.cache.learned import model_identity, save_predictor
+
+    monkeypatch.setitem(env.folder_paths.folder_names_and_paths, env.C.LEARNED_FOLDER, ([str(tmp_path)],
+                                                                                       {".safetensors"}))
+    den, _ = _twin(env)
+    pred = _predictor(int(den.model.inner_dim))
+    save_predictor(tmp_path / "digits.safetensors", pred, model_identity(den),
+                   {"skip_steps": SKIP, "head_blocks": 1, "tail_blocks": 0})
+    return tmp_path
+
+
+def _comfy_sample(env, model):
+    from fewstep.nodes.samplers import FewstepSamplerTeacher
+
+    pos, neg = env.E.FewstepDigitsClassCondition.execute(3)
+    latent = {"samples": env.EM.empty_latent(BATCH)}
+    sigmas = env.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", STEPS)
+    guider = env.cs.CFGGuider.execute(model, pos, neg, CFG)[0]
+    return env.cs.SamplerCustomAdvanced.execute(env.cs.RandomNoise.execute(SEED)[0], guider,
+                                                FewstepSamplerTeacher.execute("euler")[0], sigmas,
+                                                latent)[0]["samples"], sigmas
+
+
+def _stats(model):
+    from fewstep.nodes.cache_wrappers import BLOCK_KEY
+
+    return model.model_options["transformer_options"][BLOCK_KEY].last_stats
+
+
+def test_node_sample_equals_cores_learned_cache_sample(env, folder):
+    from fewstep.core.cache import apply_cache
+    from fewstep.core.cache.learned import LearnedCache
+    from fewstep.core.sampling import get_sampler
+
+    patched = env.C.FewstepLearnedCache.execute(env.model, "digits.safetensors", "auto")[0]
+    got, sigmas = _comfy_sample(env, patched)
+    den, cfg = _twin(env)
+    cache = LearnedCache.load(folder / "digits.safetensors", den)
+    noise = torch.randn(BATCH, 1, 16, 16, generator=torch.manual_seed(SEED))
+    with apply_cache(cfg, cache):
+        ref = get_sampler("euler")(cfg, noise * (1 + sigmas[0] ** 2) ** 0.5, sigmas,
+                                   extra_args={"class_labels": torch.full((BATCH,), 3)}, disable=True)
+    st = _stats(patched)
+    n_blocks = len(den.model.transformer_blocks)
+    assert st["skipped"] == cache.stats["skipped"] == len(SKIP)  # cond + uncond in one batch: one key
+    assert st["blocks_skipped"] == cache.stats["blocks_skipped"] == len(SKIP) * (n_blocks - 1)
+    assert st["blocks_run"] == cache.stats["blocks_run"]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the predictor matters: plain reuse on the same schedule gives another sample
+    with apply_cache(cfg, LearnedCache(type(cache.predictor)(cache.predictor.dim, 0, False), SKIP)):
+        reuse = get_sampler("euler")(cfg, noise * (1 + sigmas[0] ** 2) ** 0.5, sigmas,
+                                     extra_args={"class_labels": torch.full((BATCH,), 3)}, disable=True)
+    assert (reuse - got).abs().max() > 1e-3
+
+
+def test_state_is_per_run_and_per_clone(env, folder):
+    a = env.C.FewstepLearnedCache.execute(env.model, "digits.safetensors", "auto")[0]
+    b = env.C.FewstepLearnedCache.execute(env.model, "digits.safetensors", "2")[0]
+    first, _ = _comfy_sample(env, a)
+    other, _ = _comfy_sample(env, b)
+    again, _ = _comfy_sample(env, a)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)  # nothing of run 1 survives into run 2
+    assert _stats(a)["skipped"] == len(SKIP) and _stats(b)["skipped"] == 1
+    assert (first - other).abs().max() > 1e-4
+    assert len(a.model_options["transformer_options"][env.C.BLOCK_KEY].history) == 2
+
+
+def test_predictor_of_other_weights_is_refused_with_both_fingerprints(env, folder):
+    from fewstep.core.cache.learned import read_header
+    from fewstep.nodes.cache_store import learned_identity
+
+    teacher = env.EM.load_digits_model(env.EM.TEACHER_NAME)
+    with pytest.raises(ValueError) as e:
+        env.C.FewstepLearnedCache.execute(teacher, "digits.safetensors", "auto")
+    msg = str(e.value)
+    assert "FewstepLearnedCache" in msg
+    assert read_header(folder / "digits.safetensors")["identity"]["weights_hash"] in msg
+    assert learned_identity(teacher)["weights_hash"] in msg
+    # a weight patch (LoRA-style) changes the weights too
+    lora = env.model.clone()
+    key = next(k for k in env.model.model.state_dict() if k.endswith("weight") and "transformer_blocks.0" in k)
+    lora.add_patches({key: (torch.full(env.model.model.state_dict()[key].shape, 0.01),)}, 0.5)
+    with pytest.raises(ValueError, match="trained for"):
+        env.C.FewstepLearnedCache.execute(lora, "digits.safetensors", "auto")
+
+
+@pytest.mark.parametrize("name, skip, match", [("../digits.safetensors", "auto", "only files inside"),
+                                               ("missing.safetensors", "auto", "only files inside"),
+                                               ("digits.safetensors", "0,2", "call indices >= 1"),
+                                               ("digits.safetensors", "one", "comma-separated")])
+def test_bad_inputs_are_refused(env, folder, name, skip, match):
+    with pytest.raises(ValueError, match=match):
+        env.C.FewstepLearnedCache.execute(env.model, name, skip)
