@@ -41,7 +41,8 @@ from ..core.conditioning import (
 )
 from ..core.distill import check_null_condition, check_same_output_shape, randint_per_sample, randn_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS
-from ..core.sampling.samplers import get_sampler
+from ..core.sampling.registry import ANCESTRAL_SAMPLERS
+from ..core.sampling.samplers import default_noise_sampler, get_sampler
 from ..core.sampling.schedules import check_sigmas
 from . import gradients
 from .checkpoint_state import drop_frozen, fill_frozen, frozen_ptrs
@@ -353,7 +354,9 @@ class DistillationModule(L.LightningModule):
         z = randn_per_sample(ids, self.sample_shape, "eval/noise", seed, self.device)
         x = ms.noise_scaling(sigmas[0], z, torch.zeros_like(z), max_denoise=True)
         extra = {**self.cond(labels), **plan.get("extra", {})}
-        return get_sampler(plan["sampler"])(plan["denoiser"], x, sigmas, extra_args=extra, disable=True)
+        # multi-step students that re-noise (DMD2, LCM, ...): their fresh noise is seeded too
+        kw = {"noise_sampler": default_noise_sampler(x, seed=seed)} if plan["sampler"] in ANCESTRAL_SAMPLERS else {}
+        return get_sampler(plan["sampler"])(plan["denoiser"], x, sigmas, extra_args=extra, disable=True, **kw)
 
     # --------------------------------------------------------------------------------------- export
     def student_network(self) -> nn.Module:

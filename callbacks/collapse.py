@@ -60,11 +60,13 @@ class CollapseMonitor(Callback):
         stop: set ``trainer.should_stop`` when it warns.
         path: also write the history as JSON here (atomically) after every measurement.
         use_ema: measure the EMA weights when a ``StudentEMA`` callback is present.
+        name: distinguishes several monitors in one trainer (their checkpointed states), e.g. one on the EMA
+            weights and one on the live weights.
     """
 
     def __init__(self, every_n_steps: int = 100, per_class: int = 36, seed: int = 0, min_recall: float = 0.2,
                  min_diversity: float = 0.3, max_drop: float = 0.5, stop: bool = False,
-                 path: str | Path | None = None, use_ema: bool = True):
+                 path: str | Path | None = None, use_ema: bool = True, name: str | None = None):
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if int(per_class) < 2:
@@ -75,6 +77,7 @@ class CollapseMonitor(Callback):
         self.min_recall, self.min_diversity, self.max_drop = float(min_recall), float(min_diversity), float(max_drop)
         self.stop, self.use_ema = bool(stop), bool(use_ema)
         self.path = Path(path) if path is not None else None
+        self.name = name
         self.history: list[dict[str, Any]] = []
         self.fired: list[dict[str, Any]] = []
         self._real: float | None = None
@@ -174,6 +177,10 @@ class CollapseMonitor(Callback):
         n = int(getattr(pl_module, "batches_seen", 0))
         if not self.history or self.history[-1]["batches"] != n:
             self.measure(trainer, pl_module)
+
+    @property
+    def state_key(self) -> str:
+        return "CollapseMonitor" if self.name is None else f"CollapseMonitor[{self.name}]"
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "fired": list(self.fired)}

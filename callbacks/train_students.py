@@ -162,6 +162,13 @@ def dmd2_recipe(init: str = "reflow", generator_timestep: int | None = None, gan
     - GAN head at chance: mean-pooled middle-block tokens at every noise level, weight 3e-3 on a DMD loss averaged
       over 256 pixels (DMD2's 3e-3 is relative to 12,288) -> a spatial head at low noise levels with weights
       scaled to the pixel count.
+
+    The shipped one-step student is this recipe after 160 generator updates (800 batches of 32); what else was
+    measured from that point (issue 13, 360 samples; ``benchmarks/dmd2_student.py``): learning rate 1e-4 (5x)
+    with an EMA of the generator over-spreads each class (diversity 1.05-1.09 of the real digits', precision
+    0.69-0.76, recall 0.80-0.83) and its FD is worse (0.62-0.79 on seeds 0-3 after 20 more updates vs
+    0.63-0.66); averaging the generator with its 120-update self (a crude EMA) is worse too (0.69-0.75). The EMA
+    does help at the higher rate (curve FD 0.60 vs 0.66 live after 20 updates).
     """
     if init not in ("reflow", "teacher"):
         raise ValueError(f"init must be 'reflow' or 'teacher', got {init!r}")

@@ -183,3 +183,87 @@ def test_decoupled_option_in_the_module_keeps_teacher_and_critic_frozen():
     with pytest.raises(ValueError, match="reverse-KL"):
         _module(ca_weight=2.0, divergence="js")
     assert not _module(gan_weight=0.0, gan_critic_weight=0.0).decoupled
+
+
+def test_subinterval_denoising_target_matches_hand_computed_cases():
+    from fewstep.core.losses.dmd import subinterval_denoising_target, subinterval_transition
+
+    t = torch.tensor
+    # variance exploding (a = 1): s_s = 1, s_t = 2 -> k = 1, b^2 = 4 - 1 = 3; x_s = 1, x_t = 3:
+    # D* = 3 - 4 (3 - 1) / 3 = 1/3
+    k, b = subinterval_transition(t(1.0), t(1.0), t(1.0), t(2.0))
+    assert float(k) == 1.0 and float(b) ** 2 == pytest.approx(3.0)
+    assert float(subinterval_denoising_target(t(3.0), t(1.0), t(1.0), t(1.0), t(1.0), t(2.0))) == pytest.approx(1 / 3)
+    # flow (a = 1 - s): s = 0.25 -> t = 0.5: k = 0.5 / 0.75 = 2/3, b^2 = 0.25 - (4/9)(1/16) = 2/9; x_s = 1, x_t = 0.8:
+    # D* = (0.8 - 0.25 / (2/9) * (0.8 - 2/3)) / 0.5 = (0.8 - 1.125 * 0.1333) / 0.5 = 1.3
+    k, b = subinterval_transition(t(0.75), t(0.25), t(0.5), t(0.5))
+    assert float(k) == pytest.approx(2 / 3) and float(b) ** 2 == pytest.approx(2 / 9)
+    assert float(subinterval_denoising_target(t(0.8), t(1.0), t(0.75), t(0.25), t(0.5), t(0.5))) == pytest.approx(1.3)
+    # s = 0 (clean data at the subinterval's end) is the ordinary denoising target x0
+    x0, x_t = torch.randn(5), torch.randn(5)
+    got = subinterval_denoising_target(x_t, x0, t(1.0), t(0.0), t(0.6), t(0.8))
+    assert torch.allclose(got, x0, atol=1e-5)
+
+
+def test_subinterval_target_regresses_to_the_marginal_denoiser():
+    """Score matching within a subinterval learns p_t's own denoiser: for x0 ~ N(0, 1) (variance exploding),
+    E[D* | x_t] = E[x0 | x_t] = x_t / (1 + s_t^2), whatever the subinterval's start s."""
+    from fewstep.core.losses.dmd import subinterval_denoising_target
+
+    g = torch.Generator().manual_seed(0)
+    n, s_s, s_t = 400_000, 1.5, 2.5
+    x0 = torch.randn(n, generator=g)
+    x_s = x0 + s_s * torch.randn(n, generator=g)
+    x_t = x_s + (s_t**2 - s_s**2) ** 0.5 * torch.randn(n, generator=g)
+    one = torch.tensor(1.0)
+    target = subinterval_denoising_target(x_t, x_s, one, torch.tensor(s_s), one, torch.tensor(s_t))
+    slope = float((target * x_t).mean() / (x_t * x_t).mean())  # least-squares fit of D* = c x_t
+    assert slope == pytest.approx(1 / (1 + s_t**2), abs=0.01)
+    wrong = float((x_s * x_t).mean() / (x_t * x_t).mean())  # regressing on x_s itself is not the denoiser
+    assert abs(wrong - 1 / (1 + s_t**2)) > 0.1
+
+
+def test_phased_dmd_matches_each_step_in_its_own_subinterval():
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, generator_timesteps=[999, 749, 499, 249], phased=True,
+                critic_ratio=1)
+    ms = m.model_sampling
+    sig = m.generator_sigmas
+    ids = torch.arange(64)
+    sigma_in = sig[torch.arange(64) % 4]
+    x0 = torch.randn(64, *tiny.SHAPE)
+    x_t, sigma_t, target, weight = m.phase_renoise(ids, x0, sigma_in, "critic", with_target=True)
+    nxt = torch.cat([sig, torch.zeros(1)])[torch.arange(64) % 4 + 1]
+    assert bool((sigma_t <= sigma_in * (1 + 1e-4)).all()) and bool((sigma_t > nxt).all())
+    t_in, t_next, t_got = ms.timestep(sigma_in), ms.timestep(nxt.clamp(min=float(ms.sigma_min))), ms.timestep(sigma_t)
+    assert bool((t_got >= t_next - 1).all()) and bool((t_got <= t_in + 1).all())
+    # the last step's subinterval starts at clean data: its critic target is the generator sample itself
+    last = torch.arange(64) % 4 == 3
+    assert torch.allclose(target[last], x0[last], atol=1e-4)
+    assert not torch.allclose(target[~last], x0[~last], atol=1e-2)
+    # loss weight 1 / (1 + var of the target's noise): 1 where the subinterval starts at clean data, in (0, 1) elsewhere
+    assert torch.allclose(weight[last], torch.ones(int(last.sum())), atol=1e-5)
+    assert bool((weight[~last] > 0).all()) and bool((weight[~last] < 1).all())
+    # sample 0 is step 0 (subinterval from sigma_1), variance exploding: noise s_s^2 / b, b^2 = s_t^2 - sigma_1^2
+    var = sig[1] ** 4 / (sigma_t[0] ** 2 - sig[1] ** 2)
+    assert float(weight[0]) == pytest.approx(float(1 / (1 + var)), rel=1e-3)
+    loss, x0g, logs = m.generator_loss(ids[:4])
+    loss.backward()
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.critic.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
+    for p in m.student.parameters():
+        p.grad = None
+    loss_c, _ = m.critic_loss(ids[:4], x0g, m._last_generator_sigma)
+    loss_c.backward()
+    assert all(p.grad is None for p in m.student.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.critic.parameters())
+    with pytest.raises(ValueError, match="phased"):
+        _module(gan_weight=0.0, gan_critic_weight=0.0, phased=True, ca_weight=2.0)
+
+
+def test_multistep_samples_of_the_collapse_monitor_are_seeded():
+    """The re-noising of a multi-step generator draws from the seed too: a curve point is a function of the weights."""
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, generator_timesteps=[999, 499])
+    labels = torch.arange(4)
+    a, b = m.generate_samples(labels, seed=3), m.generate_samples(labels, seed=3)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, m.generate_samples(labels, seed=4))

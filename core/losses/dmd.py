@@ -133,3 +133,28 @@ def f_divergence_weights(log_ratio: Tensor, divergence: str = "reverse_kl",
     h = f_divergence_weight(log_ratio, divergence).reshape(-1)
     mean = batch_mean(h.mean()) if batch_mean is not None else h.mean()
     return (h / mean.clamp(min=1e-12)).detach()
+
+
+def subinterval_transition(a_s: Tensor, s_s: Tensor, a_t: Tensor, s_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward kernel from noise level ``s`` to a higher level ``t`` of ``x = a x0 + s n``: ``x_t = k x_s + b n'``
+    with ``k = a_t / a_s`` and ``b = sqrt(s_t^2 - k^2 s_s^2)`` (the Markov property of Gaussian diffusion that Phased
+    DMD, Fan et al. 2025, sec. 3, builds its subintervals on). Returns ``(k, b)``."""
+    k = a_t / a_s
+    return k, (s_t**2 - (k * s_s) ** 2).clamp(min=0.0).sqrt()
+
+
+def subinterval_denoising_target(x_t: Tensor, x_s: Tensor, a_s: Tensor, s_s: Tensor, a_t: Tensor,
+                                 s_t: Tensor) -> Tensor:
+    """Denoiser target for score matching within a subinterval (Phased DMD, Fan et al. 2025, "Few-step Distribution
+    Matching Distillation via Score Matching within Subintervals", sec. 3.2): the fake score of a phase whose
+    generator outputs noisy samples ``x_s`` (level ``s``, not clean images) is trained at levels ``t > s`` on
+    ``x_t = k x_s + b n'`` (``subinterval_transition``). Denoising score matching with ``x_s`` as the data gives the
+    conditional score ``-(x_t - k x_s) / b^2``, whose conditional mean given ``x_t`` is the marginal score of
+    ``p_t``; with ``score = (a_t D - x_t) / s_t^2`` the denoiser regression target is
+
+    ``D* = (x_t - s_t^2 (x_t - k x_s) / b^2) / a_t``
+
+    (``s = 0``, i.e. ``a_s = 1``, ``s_s = 0``, gives ``D* = x0``, the ordinary DMD critic target). The ``a``/``s``
+    tensors broadcast against the samples (shape ``(N, 1, ...)``)."""
+    k, b = subinterval_transition(a_s, s_s, a_t, s_t)
+    return (x_t - s_t**2 * (x_t - k * x_s) / b**2) / a_t
