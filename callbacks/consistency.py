@@ -196,7 +196,7 @@ class ConsistencyDistillation(DistillationModule):
             nxt = torch.maximum(cur[act] - self.skip, end[act])
             a = act.to(x.device)
             sig_c, sig_n = grid[cur[act].to(x.device)], grid[nxt.to(x.device)]
-            lab = labels[a] if labels is not None else None
+            lab = cond_index(labels, a) if labels is not None else None
             x0 = guided_denoise(self.teacher, x[a], sig_c, w[a], self.cond_key, self.null, **self.cond(lab))
             x[a] = ddim_transfer(ms, x[a], x0, sig_c, sig_n)
             cur[act] = nxt
