@@ -232,6 +232,14 @@ class DistillationModule(L.LightningModule):
         return torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas,
                                  weight_decay=self.weight_decay)
 
+    @staticmethod
+    def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any]:
+        """Lightning scheduler config of a linear learning-rate warm-up over ``steps`` updates of ``optimizer``
+        (``lr * min(1, (step + 1) / steps)``; DMD2's reference uses 500)."""
+        n = int(steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / n))
+        return {"scheduler": sched, "interval": "step"}
+
     @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the module's ``grad_clip`` (global norm) unless the Trainer sets its own clipping.

@@ -206,9 +206,7 @@ class ConsistencyDistillation(DistillationModule):
         opt = super().configure_optimizers()
         if not self.warmup_steps:
             return opt
-        n = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / n))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": self.linear_warmup(opt, self.warmup_steps)}
 
     def draw_levels(self, ids: Tensor) -> Tensor:
         """Grid levels ``1..num_grid`` of the samples ``ids``: uniform, or a segment drawn with ``segment_weights``

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..core.conditioning import cond_cat, cond_index, cond_len, cond_to, real_conditions
 from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample
 from ..core.guidance.scaled import guided_denoise
-from ..core.losses.common import sigma_at_fraction, signal_noise
+from ..core.losses.common import fraction_at_sigma, sigma_at_fraction, signal_noise
 from ..core.losses.dmd import (
     DIVERGENCES,
     decoupled_dmd_loss,
@@ -43,6 +43,7 @@ from ..core.losses.dmd import (
     subinterval_transition,
 )
 from ..core.models.critic import HEADS, FeatureTap, default_feature_module
+from ..core.sampling.model_sampling import broadcast_sigma
 from ..core.sampling.schedules import timestep_list
 from .base import DistillationModule, frozen
 from .sharding import reshard
@@ -173,7 +174,7 @@ class DMD2Distillation(DistillationModule):
         if self.phased and self.decoupled:
             raise ValueError("phased=True and Decoupled DMD (ca_weight / dm_weight) cannot be combined yet")
         # noise-range fractions of the generator's levels and 0: the subinterval ends of Phased DMD
-        self.phase_fractions = torch.tensor([_fraction_of_sigma(ms, float(sg)) for sg in self.generator_sigmas]
+        self.phase_fractions = torch.tensor([fraction_at_sigma(ms, float(sg)) for sg in self.generator_sigmas]
                                             + [0.0])
         self._last_generator_sigma: Tensor | None = None
         self.head: nn.Module | None = None
@@ -207,9 +208,7 @@ class DMD2Distillation(DistillationModule):
         crit = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.betas, weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return [gen, crit]
-        n = self.warmup_steps
-        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: min(1.0, (step + 1) / n)) for o in (gen, crit)]
-        return [gen, crit], [{"scheduler": sc, "interval": "step"} for sc in scheds]
+        return [gen, crit], [self.linear_warmup(gen, self.warmup_steps), self.linear_warmup(crit, self.warmup_steps)]
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return list(self.critic.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
@@ -317,9 +316,10 @@ class DMD2Distillation(DistillationModule):
         u = rand_per_sample(ids, 1, f"{stream}/phase_t", self.seed, self.device)[:, 0]
         sigma_t = sigma_at_fraction(ms, f_lo + (f_hi - f_lo) * (lo + (hi - lo) * u)).to(self.device)
         sigma_s = torch.cat([sig, sig.new_zeros(1)])[k + 1]
-        x_s = torch.where(_bcast(sigma_s, x0) > 0, ms.noise_scaling(sigma_s, self.randn(ids, "phase/noise"), x0), x0)
+        x_s = torch.where(broadcast_sigma(sigma_s, x0) > 0,
+                          ms.noise_scaling(sigma_s, self.randn(ids, "phase/noise"), x0), x0)
         (a_s, s_s), (a_t, s_t) = signal_noise(ms, sigma_s), signal_noise(ms, sigma_t)
-        a_s, s_s, a_t, s_t = (_bcast(v, x0) for v in (a_s, s_s, a_t, s_t))
+        a_s, s_s, a_t, s_t = (broadcast_sigma(v, x0) for v in (a_s, s_s, a_t, s_t))
         kk, b = subinterval_transition(a_s, s_s, a_t, s_t)
         x_t = kk * x_s + b * self.randn(ids, f"{stream}/phase_noise")
         if not with_target:
@@ -417,22 +417,6 @@ class DMD2Distillation(DistillationModule):
         sig = torch.cat([self.generator_sigmas, torch.zeros(1)])
         return {"denoiser": self.student, "sampler": "onestep" if len(self.generator_sigmas) == 1 else "dmd",
                 "sigmas": sig, "extra": {}}
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.to(like.device, like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def _fraction_of_sigma(ms: Any, sigma: float) -> float:
-    """The noise-range fraction ``u`` with ``sigma_at_fraction(ms, u) == sigma`` (bisection; the map is monotone)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        if float(sigma_at_fraction(ms, torch.tensor(mid))) < sigma:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def _check_range(r: tuple[float, float], name: str) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from fewstep.core.losses import (
     f_divergence_weights,
     fake_score_loss,
     flow_time,
+    fraction_at_sigma,
     gan_discriminator_loss,
     gan_generator_loss,
     guidance_distillation_loss,
@@ -253,3 +254,10 @@ def test_sigma_at_fraction_spans_the_model_range(kind):
     assert float(ends[1]) == pytest.approx(float(ms.sigma_max), rel=1e-4)
     mid = sigma_at_fraction(ms, torch.linspace(0, 1, 11))
     assert bool((mid[1:] > mid[:-1]).all())
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow", "edm"])
+def test_fraction_at_sigma_inverts_sigma_at_fraction(kind):
+    ms = MS[kind]
+    for u in (0.0, 0.13, 0.5, 0.87, 1.0):
+        assert fraction_at_sigma(ms, float(sigma_at_fraction(ms, torch.tensor(u)))) == pytest.approx(u, abs=1e-4)

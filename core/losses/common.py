@@ -38,6 +38,19 @@ def sigma_at_fraction(model_sampling, u: Tensor) -> Tensor:
     return torch.exp(lo + (hi - lo) * u.clamp(0, 1))
 
 
+def fraction_at_sigma(model_sampling, sigma: float, iters: int = 40) -> float:
+    """Inverse of ``sigma_at_fraction``: the fraction ``u`` in ``[0, 1]`` whose sigma is ``sigma`` (bisection on the
+    monotone map, so it holds for every model-sampling kind ``sigma_at_fraction`` covers)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float(sigma_at_fraction(model_sampling, torch.tensor(mid))) < sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def flow_time(model_sampling, sigma: Tensor) -> Tensor:
     """Rectified-flow time of ``sigma``: ``t = sigma`` for flow models, ``sigma / (1 + sigma)`` for VP/EDM models
     (``x / (1 + sigma) = (1 - t) x0 + t n``, the same path in flow coordinates)."""
