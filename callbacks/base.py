@@ -232,6 +232,14 @@ class DistillationModule(L.LightningModule):
         return torch.optim.AdamW(self.student_trainable(), lr=self.lr, betas=self.betas,
                                  weight_decay=self.weight_decay)
 
+    def counted_update(self, loss: Tensor, logs: dict[str, Tensor], batch_size: int) -> Tensor:
+        """The end of an automatic-optimization training step: count the batch and the student update, log
+        ``logs`` under ``train/``, return ``loss`` for Lightning to step on."""
+        self.batches_seen += 1
+        self.student_updates += 1
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
+
     @staticmethod
     def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any]:
         """Lightning scheduler config of a linear learning-rate warm-up over ``steps`` updates of ``optimizer``

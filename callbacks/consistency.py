@@ -228,10 +228,7 @@ class ConsistencyDistillation(DistillationModule):
         self._update_target()
         ids = self.sample_ids()
         loss, logs = self.consistency_step(ids)
-        self.batches_seen += 1
-        self.student_updates += 1
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(ids))
-        return loss
+        return self.counted_update(loss, logs, len(ids))
 
     # ------------------------------------------------------------------------------------- sampling
     def sampling_sigmas(self) -> Tensor:

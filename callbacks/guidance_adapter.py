@@ -102,10 +102,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         """
         ids = self.sample_ids()
         loss, logs = self.agd_step(ids)
-        self.batches_seen += 1
-        self.student_updates += 1
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(ids))
-        return loss
+        return self.counted_update(loss, logs, len(ids))
 
     def sampling_plan(self) -> dict[str, Any]:
         return {"denoiser": self.student, "sampler": self.manifest["sampler"], "sigmas": self.traj_sigmas,
