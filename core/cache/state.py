@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sampling.schedules import starts_new_run
 from .forecast import TaylorForecaster
 from .indicators import INDICATOR_CLASSES, INDICATORS, Indicator
 from .options import (
@@ -205,7 +206,7 @@ class ResidualCache:
         ks = self._keys.get(key)
         if ks is None:
             ks = self._keys[key] = _KeyState()
-        new_run = ks.sigma is None or s > ks.sigma * (1 + 1e-6) + 1e-12
+        new_run = starts_new_run(ks.sigma, s)
         if not new_run and s == ks.sigma:
             ks.slot += 1
             if ks.slot >= MAX_SLOTS:  # far more calls at one sigma than branches: treat as a new run

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..sampling.schedules import starts_new_run
 from .metadata import OnnxModelError
 from .runtime import OnnxDenoiser
 
@@ -58,7 +59,7 @@ class OnnxLearnedCacheDenoiser(OnnxDenoiser):
 
     def __call__(self, x: np.ndarray, sigma: Any, **cond: Any) -> np.ndarray:
         s = float(np.asarray(sigma, dtype=np.float32).reshape(-1)[0])
-        if self._sigma is None or s > self._sigma * (1 + 1e-6) + 1e-12:
+        if starts_new_run(self._sigma, s):
             self.reset()
             self.stats["runs"] += 1
         self._sigma, self._s = s, s

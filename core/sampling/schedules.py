@@ -150,3 +150,10 @@ def check_sigmas(sigmas: Any, xp: str = "torch") -> Array:
             "did you pass them in reverse order?"
         )
     return sigmas
+
+
+def starts_new_run(previous_sigma: float | None, sigma: float, rel_tol: float = 1e-6) -> bool:
+    """True when a denoiser call at ``sigma`` begins a new sampling run after a call at ``previous_sigma``: the
+    first call, or sigma *rising* (beyond float round-off: every sampler's sigmas fall within a run). The one rule
+    the caches' per-run state (core and the torch-free ONNX runtime) and the trajectory recorders share."""
+    return previous_sigma is None or sigma > previous_sigma * (1 + rel_tol) + 1e-12

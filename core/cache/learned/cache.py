@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...sampling.schedules import starts_new_run
 from ..caches import BlockCache
 from ..options import CacheConfigError
 from ..tensors import sigma_value
@@ -132,7 +133,7 @@ class LearnedCache(BlockCache):
                        signal: Tensor | None = None, region: Hashable = None) -> bool:
         s = sigma_value(sigma)
         st = self._state.get(key)
-        if st is None or st.sigma is None or s > st.sigma * (1 + 1e-6) + 1e-12:
+        if st is None or starts_new_run(st.sigma, s):
             st = self._state[key] = _State()
             self.stats["runs"] += 1
         h = _hidden(x)

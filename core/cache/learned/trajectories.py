@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ...sampling.schedules import starts_new_run
+
 
 def _hidden_in(args: tuple, kwargs: dict) -> Tensor:
     h = kwargs.get("hidden_states", args[0] if args else None)
@@ -87,7 +89,7 @@ def record_range(net: nn.Module, blocks: list[nn.Module], a: int, b: int,
     def begin(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         s = sigma_of_call(args, kwargs).detach().float().reshape(-1)
         prev = rec.sigma[-1] if rec.sigma else None
-        if prev is None or float(s.max()) > float(prev.max()) * (1 + 1e-6) + 1e-12 or s.shape != prev.shape:
+        if prev is None or starts_new_run(float(prev.max()), float(s.max())) or s.shape != prev.shape:
             cur["run"] = int(cur.get("run", -1)) + 1
         cur["sigma"] = s
 
