@@ -2,7 +2,9 @@
 
 InstaFlow (Liu et al. 2024, eq. 3-4; ``core.losses.reflow``): the student regresses the straight path between the
 teacher's starting noise and its CFG-guided ODE endpoint, with flow time drawn uniformly, U-shaped (Lee et al.
-2024) or only at the top (``"one_step"``: InstaFlow's distillation stage into a one-step model). The pairs come
+2024), concentrated near the top (``"top"``, density ``∝ exp(a t)``: the one-step query) or only at the top
+(``"one_step"``: InstaFlow's distillation stage into a one-step model); squared (``loss="l2"``) or pseudo-Huber
+(``loss="huber"``, Lee et al. 2024 sec. 3.3) velocity error. The pairs come
 from ``core.trajectories.generate_trajectories`` at one guidance scale.
 """
 
@@ -20,11 +22,12 @@ from ..core.conditioning import cond_index, cond_to
 from ..core.distill import rand_per_sample, randint_per_sample
 from ..core.guidance.adapters import base_config_hash
 from ..core.losses.common import flow_time, sigma_from_flow_time
-from ..core.losses.reflow import reflow_loss, straight_path, u_shaped_time
+from ..core.losses.reflow import reflow_huber_loss, reflow_loss, straight_path, top_time, u_shaped_time
 from ..core.trajectories import load_trajectories
 from .base import DistillationModule
 
-TIME_SAMPLING = ("uniform", "u_shaped", "one_step")
+TIME_SAMPLING = ("uniform", "u_shaped", "top", "one_step")
+LOSSES = ("l2", "huber")
 
 
 def resolve_trajectories(trajectories: str | Path | tuple[dict[str, Tensor], dict[str, Any]], teacher: nn.Module,
@@ -47,17 +50,26 @@ class ReflowDistillation(DistillationModule):
 
     Args (besides ``DistillationModule``'s):
         trajectories: a folder from ``generate_trajectories`` (or ``(tensors, manifest)``), one guidance scale.
-        time_sampling: ``"uniform"``, ``"u_shaped"`` (Lee et al. 2024, parameter ``u_a``) or ``"one_step"``.
+        time_sampling: ``"uniform"``, ``"u_shaped"`` (Lee et al. 2024, parameter ``u_a``), ``"top"`` (density
+            ``∝ exp(u_a t)``) or ``"one_step"``.
+        loss: ``"l2"`` (InstaFlow's squared velocity error) or ``"huber"`` (pseudo-Huber, constant ``huber_c``;
+            ``None``: ``0.00054 sqrt(d)``).
         eval_steps: Euler steps used by ``sampling_plan`` (1 = one-step generation).
     """
 
     method = "reflow"
 
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], trajectories: Any,
-                 time_sampling: str = "u_shaped", u_a: float = 4.0, eval_steps: int = 1, **kwargs: Any):
+                 time_sampling: str = "u_shaped", u_a: float = 4.0, eval_steps: int = 1, loss: str = "l2",
+                 huber_c: float | None = None, **kwargs: Any):
         super().__init__(teacher, sample_shape, **kwargs)
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if huber_c is not None and not float(huber_c) > 0:
+            raise ValueError(f"huber_c must be > 0 (or None for 0.00054 sqrt(d)), got {huber_c!r}")
+        self.loss_kind, self.huber_c = loss, None if huber_c is None else float(huber_c)
         self.time_sampling, self.u_a = time_sampling, float(u_a)
         tensors, manifest = resolve_trajectories(trajectories, self.teacher, self.sample_shape)
         scales = tensors["guidance_scale"]
@@ -83,6 +95,8 @@ class ReflowDistillation(DistillationModule):
             return torch.full_like(u, self.t_max)
         if self.time_sampling == "u_shaped":
             u = u_shaped_time(u, self.u_a)
+        elif self.time_sampling == "top":
+            u = top_time(u, self.u_a)
         return self.t_min + (self.t_max - self.t_min) * u
 
     def reflow_step(self, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -94,7 +108,7 @@ class ReflowDistillation(DistillationModule):
         sigma = sigma_from_flow_time(self.model_sampling, t).clamp(max=self.sigma_start)
         x = straight_path(x0, x_start, sigma, self.sigma_start)
         pred = self.student(x, sigma, **self.cond(labels))
-        loss = reflow_loss(pred, x0, t)
+        loss = reflow_loss(pred, x0, t) if self.loss_kind == "l2" else reflow_huber_loss(pred, x0, t, self.huber_c)
         return loss, {"reflow": loss.detach()}
 
     @override
@@ -118,4 +132,4 @@ class ReflowDistillation(DistillationModule):
 
     def export_metadata(self) -> dict[str, Any]:
         return {**super().export_metadata(), "guidance_scale": self.guidance_scale,
-                "time_sampling": self.time_sampling}
+                "time_sampling": self.time_sampling, "loss": self.loss_kind}

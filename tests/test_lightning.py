@@ -229,3 +229,43 @@ def test_endless_batches_need_a_stop_and_max_time_is_one(work):
     module = tiny.build("reflow", work, unique_samples=8)
     tiny.trainer(module, 1, max_steps=-1, max_time={"seconds": 2}).fit(module)
     assert module.batches_seen >= 1
+
+
+def test_reflow_loss_and_time_options(work):
+    """``loss="huber"`` computes ``reflow_huber_loss`` on the same batch (with ``huber_c``), ``time_sampling="top"``
+    draws ``top_time`` times in ``[t_min, t_max]``; bad values are refused with the allowed choices."""
+    from fewstep.core.distill import rand_per_sample, randint_per_sample
+    from fewstep.core.losses import reflow_huber_loss, reflow_loss, top_time
+
+    ids = torch.arange(8)
+    l2 = tiny.build("reflow", work)
+    hub = tiny.build("reflow", work, loss="huber", huber_c=0.05)
+    hub.student.load_state_dict(l2.student.state_dict())
+    captured = {}
+    for name, m in (("l2", l2), ("huber", hub)):
+        original = m.student.forward
+
+        def spy(x, sigma, *a, _n=name, _f=original, **k):
+            out = _f(x, sigma, *a, **k)
+            captured[_n] = out.detach()
+            return out
+
+        m.student.forward = spy
+        with torch.no_grad():
+            captured[name + "_loss"] = float(m.reflow_step(ids)[0])
+    torch.testing.assert_close(captured["l2"], captured["huber"])  # same pairs, same times, same student
+    idx = randint_per_sample(ids, len(l2.endpoint), "rf/index", 0)
+    t = l2.sample_time(ids)
+    assert captured["huber_loss"] == pytest.approx(float(reflow_huber_loss(captured["l2"], l2.endpoint[idx], t, 0.05)),
+                                                   rel=1e-5)
+    assert captured["l2_loss"] == pytest.approx(float(reflow_loss(captured["l2"], l2.endpoint[idx], t)), rel=1e-5)
+    assert captured["huber_loss"] != pytest.approx(captured["l2_loss"], rel=1e-3)
+    top = tiny.build("reflow", work, time_sampling="top", u_a=6.0)
+    u = rand_per_sample(ids, 1, "rf/t", top.seed, top.device)[:, 0]
+    torch.testing.assert_close(top.sample_time(ids), top.t_min + (top.t_max - top.t_min) * top_time(u, 6.0))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        tiny.build("reflow", work, loss="lpips")
+    with pytest.raises(ValueError, match="huber_c must be > 0"):
+        tiny.build("reflow", work, loss="huber", huber_c=0.0)
+    with pytest.raises(ValueError, match="time_sampling must be one of"):
+        tiny.build("reflow", work, time_sampling="late")

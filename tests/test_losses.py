@@ -23,12 +23,15 @@ from fewstep.core.losses import (
     guidance_distillation_loss,
     pseudo_huber,
     pseudo_huber_c,
+    reflow_huber_loss,
     reflow_loss,
     segment_boundaries,
     segment_end_index,
     sigma_at_fraction,
     sigma_from_flow_time,
     straight_path,
+    top_density,
+    top_time,
     u_shaped_density,
     u_shaped_time,
 )
@@ -196,6 +199,49 @@ def test_u_shaped_time_matches_its_density():
         math.cosh(a / 2))
     torch.testing.assert_close(u_shaped_time(1 - u.float(), a), 1 - u_shaped_time(u.float(), a), atol=1e-6, rtol=0)
     torch.testing.assert_close(u_shaped_time(u.float(), 0.0), u.float())
+
+
+def test_top_time_matches_its_density():
+    """``top_time``: density a exp(a t) / (exp(a) - 1) on [0, 1], by its CDF; more mass near 1 than near 0."""
+    a = 4.0
+    u = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
+    t = top_time(u.float(), a).double()
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64),
+                     torch.cumulative_trapezoid(top_density(grid, a), grid, dim=0)])
+    torch.testing.assert_close(torch.from_numpy(__import__("numpy").interp(t.numpy(), grid.numpy(), cdf.numpy())),
+                               u, atol=1e-5, rtol=0)
+    assert float(cdf[-1]) == pytest.approx(1.0, abs=1e-6)
+    assert float(top_density(torch.tensor(1.0), a) / top_density(torch.tensor(0.0), a)) == pytest.approx(math.exp(a))
+    # hand-computed: the median is log((1 + e^a) / 2) / a
+    assert float(top_time(torch.tensor(0.5), a)) == pytest.approx(math.log((1 + math.exp(a)) / 2) / a, rel=1e-6)
+    assert float(t.mean()) == pytest.approx(1 / (1 - math.exp(-a)) - 1 / a, abs=1e-4)  # E[t] of the density
+    torch.testing.assert_close(top_time(u.float(), 0.0), u.float())
+
+
+def test_reflow_huber_loss_is_pseudo_huber_of_the_velocity_error():
+    """Lee et al. 2024 sec. 3.3: sqrt(||v_hat - v||^2 + c^2) - c per sample, v_hat - v = (x0 - x0_hat) / t."""
+    x0, pred = torch.randn(3, 1, 4, 4, generator=_g(0)), torch.randn(3, 1, 4, 4, generator=_g(1))
+    t = torch.tensor([0.2, 0.5, 0.99])
+    c = 0.3
+    ref = torch.stack([torch.sqrt((((pred[i] - x0[i]) / t[i]) ** 2).sum() + c * c) - c for i in range(3)]).mean()
+    torch.testing.assert_close(reflow_huber_loss(pred, x0, t, c), ref)
+    # default c = 0.00054 sqrt(d), d = 16 here; weights scale each sample (batch mean, as reflow_loss)
+    c16 = 0.00054 * 4
+    per = torch.stack([torch.sqrt((((pred[i] - x0[i]) / t[i]) ** 2).sum() + c16 * c16) - c16 for i in range(3)])
+    torch.testing.assert_close(reflow_huber_loss(pred, x0, t), per.mean())
+    w = torch.tensor([1.0, 0.0, 3.0])
+    torch.testing.assert_close(reflow_huber_loss(pred, x0, t, weights=w), (per * w).mean())  # not renormalised
+    # hand-computed: error 3 and 4 on two pixels at t = 0.5 -> ||v err|| = 10; c = 0 gives the norm itself
+    e = torch.zeros(1, 1, 2, 2)
+    e[0, 0, 0, 0], e[0, 0, 1, 1] = 3.0, 4.0
+    assert float(reflow_huber_loss(e, torch.zeros_like(e), torch.tensor([0.5]), 1e-12)) == pytest.approx(10.0)
+    assert float(reflow_huber_loss(e, torch.zeros_like(e), torch.tensor([0.5]), 1.0)) == pytest.approx(
+        math.sqrt(101) - 1)
+    # its gradient has unit norm per sample in the velocity (for c -> 0): outliers pull no harder than others
+    p = (x0 + 5.0 * torch.randn(3, 1, 4, 4, generator=_g(2))).requires_grad_(True)
+    reflow_huber_loss(p, x0, torch.ones(3), 1e-9).backward()
+    torch.testing.assert_close(p.grad.reshape(3, -1).norm(dim=1), torch.full((3,), 1 / 3))
 
 
 @pytest.mark.parametrize("kind", ["vp", "flow"])

@@ -29,13 +29,21 @@ from .dmd import (
     gan_generator_loss,
 )
 from .guidance import guidance_distillation_loss, guidance_target
-from .reflow import reflow_loss, straight_path, u_shaped_density, u_shaped_time
+from .reflow import (
+    reflow_huber_loss,
+    reflow_loss,
+    straight_path,
+    top_density,
+    top_time,
+    u_shaped_density,
+    u_shaped_time,
+)
 
 __all__ = [
     "DIVERGENCES", "consistency_distance", "consistency_loss", "ddim_transfer", "dmd_gradient", "dmd_loss",
     "f_divergence_weight", "f_divergence_weights", "fake_score_loss", "flow_time", "fraction_at_sigma",
     "gan_discriminator_loss", "gan_generator_loss", "guidance_distillation_loss", "guidance_target",
-    "is_flow_sampling", "pseudo_huber",
-    "pseudo_huber_c", "reflow_loss", "segment_boundaries", "segment_end_index", "sigma_at_fraction",
-    "sigma_from_flow_time", "signal_noise", "straight_path", "u_shaped_density", "u_shaped_time",
+    "is_flow_sampling", "pseudo_huber", "pseudo_huber_c", "reflow_huber_loss", "reflow_loss", "segment_boundaries",
+    "segment_end_index", "sigma_at_fraction", "sigma_from_flow_time", "signal_noise", "straight_path", "top_density",
+    "top_time", "u_shaped_density", "u_shaped_time",
 ]
