@@ -101,7 +101,7 @@ def stage_loss(student, pairs: dict[str, torch.Tensor], sigmas: torch.Tensor, id
     zero = torch.zeros(len(idx))
     last = consistency_loss(ms, x, sig, student(x, sig, class_labels=y), pairs["target"][idx], zero,
                             pairs["target"][idx], zero)
-    logs = {"last": float(last)}
+    logs = {"last": float(last.detach())}
     loss = last
     if keep_weight > 0 and S > 1:
         for k in range(S - 1):
@@ -109,7 +109,7 @@ def stage_loss(student, pairs: dict[str, torch.Tensor], sigmas: torch.Tensor, id
             sk, se = sigmas[k].expand(len(keep_idx)), sigmas[k + 1].expand(len(keep_idx))
             keep = consistency_loss(ms, xk, sk, student(xk, sk, class_labels=yk), xk, sk, pairs["pred"][k, keep_idx],
                                     se)
-            logs[f"keep{k}"] = float(keep)
+            logs[f"keep{k}"] = float(keep.detach())
             loss = loss + keep_weight * keep
     return loss, logs
 
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         batches += 1
         if batches % 20 == 0:
-            print(f"batch {batches} loss {float(loss):.4f} {logs} ({(time.perf_counter() - t0) / 20:.2f} s/batch)",
-                  flush=True)
+            per = (time.perf_counter() - t0) / 20
+            print(f"batch {batches} loss {float(loss.detach()):.4f} {logs} ({per:.2f} s/batch)", flush=True)
             t0 = time.perf_counter()
         if batches % args.eval_every == 0:
             measure()
