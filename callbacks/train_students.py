@@ -183,7 +183,7 @@ def dmd2_recipe(init: str = "reflow", generator_timestep: int | None = None, gan
         "gan_weight": 0.0, "gan_critic_weight": 0.0,
     }
     if gan:
-        kw.update(gan_weight=0.05, gan_critic_weight=0.1, gan_t_range=(0.0, 0.3), head="spatial")
+        kw.update(gan_weight=0.15, gan_critic_weight=1.0, gan_t_range=(0.0, 0.1), head="spatial", head_lr=2e-4)
     return kw
 
 
