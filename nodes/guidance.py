@@ -3,7 +3,8 @@ model pass per step instead of classifier-free guidance's two.
 
 Adapter Guidance Distillation (Jensen et al. 2025, "Efficient Distillation of Classifier-Free Guidance using
 Adapters"): a ``core.guidance.GuidanceAdapter`` (guidance-scale-gated low-rank updates of the attention and MLP
-projections, a few percent of the base model's parameters (3.8% for the shipped digits adapter), trained by
+projections (and, for the shipped digits adapter, the DiT's adaLN modulation), a few percent of the base model's
+parameters (10.6% for the shipped digits adapter), trained by
 ``callbacks/guidance_adapter.py``) makes the frozen base model predict ``uncond + w (cond - uncond)`` in one pass.
 
 The node patches a clone of the MODEL, never copying or changing its weights: an ``APPLY_MODEL`` wrapper (present in

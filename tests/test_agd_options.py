@@ -55,3 +55,51 @@ def test_agd_step_weights_each_sample_by_its_scale_and_trains_only_the_adapter(t
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in weighted.adapter.parameters())
     with pytest.raises(ValueError, match="scale_weighting must be one of"):
         tiny.build("agd", tmp_path, scale_weighting="nope")
+
+
+def test_adapter_on_the_adaln_modulation_layers_matches_its_formula(tmp_path):
+    """Issue 13: the shipped AGD recipe also adapts the DiT's adaLN modulation (``norm1.linear`` in every block and
+    the final ``proj_out_1``), whose input is the (timestep + class) embedding, a ``(B, C)`` tensor: the update must
+    be ``W x + b + (w - 1) U (g_l(w) * (D x))`` there too, vanish at ``w = 1`` and survive save/load."""
+    from fewstep.core.guidance.adapters import DEFAULT_TARGETS, GuidanceAdapter, guidance_scale_embedding
+
+    teacher = tiny.tiny_teacher()
+    net = teacher.model
+    targets = tuple(DEFAULT_TARGETS) + ("norm1.linear", "proj_out_1")
+    adapter = GuidanceAdapter(net, rank=2, targets=targets, embed_dim=16, hidden=16, scale_range=(1.0, 4.0))
+    assert "proj_out_1" in adapter.target_names
+    assert sum(n.endswith("norm1.linear") for n in adapter.target_names) == len(net.transformer_blocks)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    mods = dict(net.named_modules())
+    seen = {}
+    names = [n for n in adapter.target_names if n.endswith("norm1.linear")][:1] + ["proj_out_1"]
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n in names]
+    x = torch.randn(3, *tiny.SHAPE, generator=g)
+    sigma = torch.tensor([0.5, 2.0, 8.0])
+    labels = torch.tensor([1, 4, 7])
+    w = torch.tensor([1.0, 1.5, 3.0])
+    with torch.no_grad():
+        base_out = teacher(x, sigma, class_labels=labels)
+        with adapter.scale(w):
+            out = teacher(x, sigma, class_labels=labels)
+        gates = 1.0 + adapter.gate(guidance_scale_embedding(w, 16)).reshape(3, len(adapter.target_names), 2)
+        for n in names:
+            i = adapter.target_names.index(n)
+            inp, got = seen[n]
+            assert inp.ndim == 2  # the embedding, not tokens
+            lin, low = mods[n], adapter.layers[i]
+            want = inp @ lin.weight.T + lin.bias + (w - 1)[:, None] * (((inp @ low.down.T) * gates[:, i]) @ low.up.T)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out[0], base_out[0], rtol=1e-5, atol=1e-6)  # w = 1: exactly the base model
+    assert (out[1:] - base_out[1:]).abs().amax() > 1e-3  # w > 1: the modulation update changes the output
+    path = adapter.save(tmp_path / "a.safetensors")
+    adapter.detach()
+    loaded = GuidanceAdapter.load(path, net)
+    assert loaded.target_names == adapter.target_names
+    with torch.no_grad(), loaded.scale(w):
+        torch.testing.assert_close(teacher(x, sigma, class_labels=labels), out)

@@ -360,11 +360,17 @@ def test_export_argument_errors(teacher, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_guidance_adapter_folded_into_graph(tmp_path):
-    """A student with its guidance adapter (AGD) folded in: one graph, the scale is an input, = AdaptedDenoiser."""
+@pytest.mark.parametrize("extra_targets", [(), ("norm1.linear", "proj_out_1")], ids=["default", "adaln"])
+def test_guidance_adapter_folded_into_graph(tmp_path, extra_targets):
+    """A student with its guidance adapter (AGD) folded in: one graph, the scale is an input, = AdaptedDenoiser.
+    ``adaln``: also on the DiT's adaLN modulation layers (input: the timestep + class embedding), as the shipped
+    digits adapter (issue 13)."""
     adapters = pytest.importorskip("fewstep.core.guidance.adapters")
     den = TINY["tiny-dit"]()
-    adapter = adapters.GuidanceAdapter(den.model, rank=2, seed=0)
+    adapter = adapters.GuidanceAdapter(den.model, rank=2, seed=0,
+                                       targets=tuple(adapters.DEFAULT_TARGETS) + tuple(extra_targets))
+    assert len(adapter.target_names) > len(adapters.find_targets(den.model, adapters.DEFAULT_TARGETS)) or \
+        not extra_targets
     with torch.no_grad():  # trained-looking adapter: non-zero up projections and gates (about a 10% effect)
         g = torch.Generator().manual_seed(0)
         for p in adapter.parameters():
