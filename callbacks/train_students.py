@@ -5,7 +5,8 @@
 - ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2 (``dmd2_recipe``), one step at sigma_max starting from the
   shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits.
 - ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
-  segments starting from it (Hyper-SD's progressive segments), teacher CFG 2.
+  segments starting from it (Hyper-SD's progressive segments), at the teacher's CFG 1.25. The shipped students then had
+  a last-segment stage on the teacher's second-order ODE solution (``benchmarks/consistency_student.py``).
 - ``reflow`` -> ``digits_reflow_1step.safetensors``: 4096 teacher ODE pairs at the teacher's CFG 1.25 (DPM-Solver++(2M),
   8 steps: the same FD as 16, generated once, outside the budget), reflow with U-shaped time (a third of the budget),
   then InstaFlow's one-step stage with the pseudo-Huber velocity loss (Lee et al. 2024).
