@@ -181,10 +181,10 @@ def sampler_runs(cm: Any, teacher: Any) -> list[Run]:
 
 
 #: thresholds swept per cache (ComfyUI's EasyCache default is 0.2; its node allows up to 3)
-EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8, 1.5)
+EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.4, 1.5)
 #: ComfyUI's EasyCache over the whole run (its default window 15%-95% keeps it above ~54 of 100 NFE)
 EASYCACHE_FULL = "comfyui EasyCache, window 0-100%"
-EASYCACHE_FULL_THRESHOLDS = (0.2, 0.4, 0.8, 1.5, 3.0)
+EASYCACHE_FULL_THRESHOLDS = (0.2, 0.4, 0.8, 1.5)
 #: matched-cost targets, NFE per sample of the 100-NFE run (50 steps x cond + uncond)
 NFE_TARGETS = (75, 60, 50, 40, 30, 20)
 
@@ -217,10 +217,10 @@ def cache_runs(cm: Any, teacher: Any, patches: dict[str, Callable[[Any, float], 
 
 #: fewstep cache families and their threshold sweeps (EasyCache is the same indicator as ComfyUI's node)
 FEWSTEP_THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "fewstep step cache easycache": (0.05, 0.1, 0.2, 0.3),
-    "fewstep step cache teacache": (0.05, 0.1, 0.2, 0.3, 0.5),
-    "fewstep step cache teacache + taylor1": (0.05, 0.1, 0.15, 0.2, 0.3),
-    "fewstep block cache first_block": (0.05, 0.1, 0.2, 0.3),
+    "fewstep step cache easycache": (0.1, 0.2),
+    "fewstep step cache teacache": (0.1, 0.2, 0.3),
+    "fewstep step cache teacache + taylor1": (0.05, 0.1, 0.2, 0.3),
+    "fewstep block cache first_block": (0.1, 0.2),
 }
 
 
