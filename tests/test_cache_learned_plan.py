@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cache_learned import D, T, LinearTail, _dit, _trajectory
+from test_cache_learned import D, LinearTail, T, _dit, _trajectory
 
 from fewstep.core.cache import BlockRangeRunner, CacheConfigError, apply_cache
 from fewstep.core.cache.learned import (
