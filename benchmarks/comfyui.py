@@ -9,9 +9,13 @@ Everything is sampled the way a ComfyUI graph samples: the embedded loader / cla
    uncond, 2 NFE) against fewstep's distilled samplers on the shipped students (guidance distilled in: cfg 1, one
    pass per step) and ComfyUI's ``lcm`` on the consistency student, at equal NFE (network evaluations per sample,
    counted by an ``APPLY_MODEL`` wrapper), plus the 50-step baseline.
-2. ``caches``: on the teacher's 50-step DPM-Solver++(2M) run, ComfyUI's ``EasyCache`` node against fewstep's step
-   cache and block cache nodes over threshold sweeps; the table pairs every EasyCache point with the fewstep point
-   of the nearest wall-time speed-up ("matched speed-up").
+2. ``caches``: on the teacher's 50-step DPM-Solver++(2M) run, ComfyUI's ``EasyCache`` node (its default window
+   15%-95% of the run, and the full run 0%-100%) against fewstep's step cache and block cache nodes (TeaCache with
+   and without TaylorSeer, EasyCache indicator, First-Block) over threshold sweeps. Fidelity as in the caching
+   benchmarks (``caching_protocol.fidelity``): per-sample PSNR to the *uncached* 50-step sample from the same noise
+   (the baseline run of this process). ``matched_nfe``: per target NFE, each family's setting of the highest PSNR
+   among those that cost at most the target ("matched cost"); ``matched``: every EasyCache point next to the
+   fewstep point of the nearest wall-time speed-up.
 
 Per setting: FD / class accuracy / precision / recall of ``per_class x 10`` samples against the train digits (FD
 floor train-vs-held-out 0.151), and the wall-time speed-up against the 50-step baseline measured in the same run
@@ -46,6 +50,7 @@ from fewstep.core.models.embedded import TEACHER_CFG
 
 from ..core import io
 from ..core.checks import nonneg_int, positive_int
+from .caching_protocol import fidelity
 from .common import RESULTS, machine, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,34 +180,55 @@ def sampler_runs(cm: Any, teacher: Any) -> list[Run]:
     return runs
 
 
-#: thresholds swept per cache (ComfyUI's EasyCache default is 0.2)
-EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8, 1.5)
+#: thresholds swept per cache (ComfyUI's EasyCache default is 0.2; its node allows up to 3)
+EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.4, 1.5)
+#: ComfyUI's EasyCache over the whole run (its default window 15%-95% keeps it above ~54 of 100 NFE)
+EASYCACHE_FULL = "comfyui EasyCache, window 0-100%"
+EASYCACHE_FULL_THRESHOLDS = (0.2, 0.4, 0.8, 1.5)
+#: matched-cost targets, NFE per sample of the 100-NFE run (50 steps x cond + uncond)
+NFE_TARGETS = (75, 60, 50, 40, 30, 20)
+
+
+def comfyui_cache_patches(cm: Any) -> dict[str, Callable[[Any, float], Any]]:
+    """ComfyUI's own ``EasyCache`` node as ``(model, threshold) -> patched model``: default window and whole run."""
+    node = cm.easycache.EasyCacheNode.execute
+    return {"comfyui EasyCache": lambda m, th: node(m, th, 0.15, 0.95, False)[0],
+            EASYCACHE_FULL: lambda m, th: node(m, th, 0.0, 1.0, False)[0]}
 
 
 def cache_runs(cm: Any, teacher: Any, patches: dict[str, Callable[[Any, float], Any]] | None = None,
-               thresholds: dict[str, tuple[float, ...]] | None = None, calibration_dir: Path | None = None
-               ) -> list[Run]:
-    """The 50-step teacher run with ComfyUI's EasyCache and with every fewstep cache in ``patches``."""
+               thresholds: dict[str, tuple[float, ...]] | None = None, calibration_dir: Path | None = None,
+               only: list[str] | None = None) -> list[Run]:
+    """The 50-step teacher run with ComfyUI's EasyCache and with every fewstep cache in ``patches``; ``only``: keep
+    the families whose name contains one of these strings."""
     sampler, sigmas = comfy_sampler(cm, "dpmpp_2m"), karras(cm, teacher, 50)
-    patches = {"comfyui EasyCache": lambda m, th: cm.easycache.EasyCacheNode.execute(m, th, 0.15, 0.95, False)[0],
+    patches = {**comfyui_cache_patches(cm),
                **(fewstep_cache_patches(cm, calibration_dir) if patches is None else patches)}
-    sweeps = {"comfyui EasyCache": EASYCACHE_THRESHOLDS, **FEWSTEP_THRESHOLDS, **(thresholds or {})}
+    if only:
+        patches = {k: v for k, v in patches.items() if any(o in k for o in only)}
+        if not patches:
+            raise ValueError(f"--caches {only}: no cache family matches; families: "
+                             f"{list(comfyui_cache_patches(cm)) + list(FEWSTEP_THRESHOLDS)}")
+    sweeps = {"comfyui EasyCache": EASYCACHE_THRESHOLDS, EASYCACHE_FULL: EASYCACHE_FULL_THRESHOLDS,
+              **FEWSTEP_THRESHOLDS, **(thresholds or {})}
     return [Run(f"{family} {th:g}", family, patch(teacher, th), sampler, sigmas, TEACHER_CFG, {"threshold": th})
             for family, patch in patches.items() for th in sweeps[family]]
 
 
 #: fewstep cache families and their threshold sweeps (EasyCache is the same indicator as ComfyUI's node)
 FEWSTEP_THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "fewstep step cache easycache": (0.05, 0.1, 0.2, 0.3),
-    "fewstep step cache teacache": (0.1, 0.2, 0.3, 0.5),
-    "fewstep block cache first_block": (0.1, 0.2, 0.3),
+    "fewstep step cache easycache": (0.1, 0.2),
+    "fewstep step cache teacache": (0.1, 0.2, 0.3),
+    "fewstep step cache teacache + taylor1": (0.05, 0.1, 0.2, 0.3),
+    "fewstep block cache first_block": (0.1, 0.2),
 }
 
 
 def fewstep_cache_patches(cm: Any, calibration_dir: Path | None = None) -> dict[str, Callable[[Any, float], Any]]:
     """fewstep's cache nodes as ``(model, threshold) -> patched model`` (node defaults otherwise). TeaCache needs a
     calibration: ``FewstepCacheCalibrate``'s code runs first on the teacher (2 runs of 50 dpmpp_2m steps on one
-    digit) and its file is passed explicitly. Empty without the cache node family."""
+    digit) into ``calibration_dir`` (registered as the first calibration folder) and its file name is passed
+    explicitly. Empty without the cache node family."""
     if cm.C is None:
         return {}
     step, block = cm.C.FewstepStepCache.execute, cm.C.FewstepBlockCache.execute
@@ -210,20 +236,27 @@ def fewstep_cache_patches(cm: Any, calibration_dir: Path | None = None) -> dict[
     def calibration(model: Any) -> str:
         pos, neg = cm.E.FewstepDigitsClassCondition.execute(3)
         latent = cm.E.FewstepDigitsEmptyLatent.execute(8)[0]
+        if calibration_dir is not None:  # the nodes read calibrations only from their folders: register it, first
+            import folder_paths
+
+            folder_paths.add_model_folder_path(cm.C.CALIBRATION_FOLDER, str(calibration_dir), is_default=True)
         path, _ = cm.C.calibrate_model(model, pos, neg, latent, sampler_name="dpmpp_2m", scheduler="karras",
                                        steps=50, cfg=TEACHER_CFG, seed=0, runs=2, directory=calibration_dir)
-        return str(path)
+        return path.name
 
     cal: dict[str, str] = {}
 
-    def teacache(model: Any, th: float) -> Any:
-        if "path" not in cal:
-            cal["path"] = calibration(model)
-        return step(model, "teacache", th, "none", 0.0, 1.0, 0, cal["path"])[0]
+    def teacache(forecast: str) -> Callable[[Any, float], Any]:
+        def patch(model: Any, th: float) -> Any:
+            if "path" not in cal:
+                cal["path"] = calibration(model)
+            return step(model, "teacache", th, forecast, 0.0, 1.0, 0, cal["path"])[0]
+        return patch
 
     return {
         "fewstep step cache easycache": lambda m, th: step(m, "easycache", th, "none", 0.0, 1.0, 0, "auto")[0],
-        "fewstep step cache teacache": teacache,
+        "fewstep step cache teacache": teacache("none"),
+        "fewstep step cache teacache + taylor1": teacache("taylor1"),
         "fewstep block cache first_block": lambda m, th: block(m, "first_block", th, 1, 2, 0, 0.5, "none", 0.0, 1.0,
                                                                0, "auto")[0],
     }
@@ -248,7 +281,54 @@ def evaluate(cm: Any, runs: list[Run], per_class: int, seed: int, log: Callable[
     base = sum(base_seconds) / len(base_seconds)
     for row in rows:
         row["speedup"] = base / row["seconds"]
+    add_fidelity(rows, images)
     return rows, images
+
+
+def add_fidelity(rows: list[dict[str, Any]], images: dict[str, Tensor]) -> None:
+    """PSNR / RMS to the uncached 50-step sample from the same noise (the first baseline row) on every row that
+    samples the teacher's 50-step run: the cache rows (they carry a threshold) and the repeated baseline (PSNR
+    ``caching_protocol.PSNR_CAP`` when it reproduces the first). FD change against that baseline too."""
+    ref_row = next((r for r in rows if r["group"] == "baseline"), None)
+    if ref_row is None:
+        return
+    ref = images[ref_row["setting"]]
+    for row in rows:
+        if row is ref_row or not ("threshold" in row or row["group"] == "baseline"):
+            continue
+        row.update(fidelity(images[row["setting"]], ref))
+        row["fd_change"] = row["fd"] / ref_row["fd"] - 1.0
+
+
+def cache_families(rows: list[dict[str, Any]]) -> list[str]:
+    """The cache families of ``rows`` in order of appearance (rows that carry a threshold)."""
+    return list(dict.fromkeys(r["group"] for r in rows if "threshold" in r))
+
+
+def matched_nfe(rows: list[dict[str, Any]], targets: tuple[int, ...] = NFE_TARGETS, slack: float = 0.02
+                ) -> list[dict[str, Any]]:
+    """Per target NFE: every cache family's setting of the highest PSNR to the uncached output among those that cost
+    at most ``target * (1 + slack)`` (matched cost), or, where none is that cheap, the family's lowest NFE; and the
+    best family (``best``) with whether it is a fewstep cache (``fewstep_best``)."""
+    out = []
+    for target in targets:
+        entry: dict[str, Any] = {"target_nfe": target, "families": {}}
+        for fam in cache_families(rows):
+            cands = [r for r in rows if r["group"] == fam]
+            ok = [r for r in cands if r["nfe"] <= target * (1 + slack)]
+            if ok:
+                r = max(ok, key=lambda r: r["psnr_db"])
+                entry["families"][fam] = {k: r.get(k) for k in ("setting", "threshold", "nfe", "psnr_db", "rms", "fd",
+                                                                "fd_change", "speedup")}
+            else:
+                entry["families"][fam] = {"setting": None, "min_nfe": min(r["nfe"] for r in cands)}
+        reached = {f: v for f, v in entry["families"].items() if v["setting"] is not None}
+        if reached:
+            best = max(reached, key=lambda f: reached[f]["psnr_db"])
+            entry["best"] = best
+            entry["fewstep_best"] = best.startswith("fewstep")
+        out.append(entry)
+    return out
 
 
 def matched(rows: list[dict[str, Any]], reference: str = "comfyui EasyCache") -> list[dict[str, Any]]:
@@ -266,9 +346,32 @@ def matched(rows: list[dict[str, Any]], reference: str = "comfyui EasyCache") ->
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| setting | NFE | speed-up | FD | accuracy | precision | recall |\n|---|---|---|---|---|---|---|\n"
-    return head + "".join(f"| {r['setting']} | {r['nfe']:.2f} | {r['speedup']:.2f}x | {r['fd']:.2f} | "
-                          f"{r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |\n" for r in rows)
+    head = ("| setting | NFE | speed-up | PSNR to uncached (dB) | FD | accuracy | precision | recall |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['setting']} | {r['nfe']:.2f} | {r['speedup']:.2f}x | "
+        f"{format(r['psnr_db'], '.1f') if 'psnr_db' in r else ''} | {r['fd']:.2f} | {r['accuracy']:.3f} | "
+        f"{r['precision']:.3f} | {r['recall']:.3f} |\n" for r in rows)
+
+
+def matched_table(matches: list[dict[str, Any]]) -> str:
+    """Markdown: per target NFE, each cache family's best PSNR (dB) at that cost, its NFE and FD change."""
+    if not matches or not matches[0]["families"]:
+        return ""
+    fams = list(matches[0]["families"])
+    head = "| NFE <= | " + " | ".join(fams) + " |\n|---|" + "---|" * len(fams) + "\n"
+    lines = []
+    for m in matches:
+        cells = []
+        for f in fams:
+            v = m["families"][f]
+            if v["setting"] is None:
+                cells.append(f"(min NFE {v['min_nfe']:.0f})")
+            else:
+                cell = f"{v['psnr_db']:.1f} dB, NFE {v['nfe']:.0f}, FD {100 * v['fd_change']:+.1f}%"
+                cells.append(f"**{cell}**" if m.get("best") == f else cell)
+        lines.append(f"| {m['target_nfe']} | " + " | ".join(cells) + " |\n")
+    return head + "".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -277,7 +380,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.5))
     sampler_rows = [r for r in rows if r["group"].startswith("NFE") or r["group"] == "baseline"]
     for r in sampler_rows:
         own = r["setting"].startswith("fewstep")
@@ -297,6 +400,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes[1].axhline(base[0]["fd"], color="k", ls=":", label="no cache (50 steps)")
     axes[1].set(xlabel="wall-time speed-up vs the uncached run", ylabel="FD", title="caches in ComfyUI")
     axes[1].legend(fontsize=7)
+    for fam, rs in groups.items():
+        rs = sorted((r for r in rs if "psnr_db" in r), key=lambda r: r["nfe"])
+        if rs:
+            axes[2].plot([r["nfe"] for r in rs], [r["psnr_db"] for r in rs], "o-", label=fam)
+    axes[2].set(xlabel="NFE per sample (uncached: 100)", ylabel="PSNR to the uncached sample (dB)",
+                title="caches in ComfyUI: fidelity at matched cost")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90)
@@ -310,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples per digit (36 -> 360, the held-out size)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--caches", nargs="+", default=None,
+                   help="caches part: only the cache families whose name contains one of these strings")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--comfyui-version", default=None,
                    help="ComfyUI test fixture to run on: 0.3.75 or 0.33.0 (default: $FEWSTEP_COMFYUI_VERSION, else "
@@ -331,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("caches", "all"):
         import tempfile
 
-        runs += cache_runs(cm, teacher, calibration_dir=Path(tempfile.mkdtemp(prefix="fewstep-bench-cal-")))
+        runs += cache_runs(cm, teacher, calibration_dir=Path(tempfile.mkdtemp(prefix="fewstep-bench-cal-")),
+                           only=args.caches)
     runs.append(Run(base.name + " (timed again)", "baseline", base.model, base.sampler, base.sigmas, base.cfg))
     t0 = time.time()
     rows, images = evaluate(cm, runs, args.per_class, args.seed)
@@ -340,11 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS
     result = {"machine": machine(), "comfyui_version": comfyui_version.__version__, "per_class": args.per_class,
               "seed": args.seed, "teacher_cfg": TEACHER_CFG,
-              "wall_seconds": time.time() - t0, "rows": rows, "matched_caches": matched(rows)}
+              "command": "fewstep bench comfyui " + " ".join(sys.argv[1:] if argv is None else argv),
+              "wall_seconds": time.time() - t0, "rows": rows, "matched_caches": matched(rows),
+              "matched_nfe": matched_nfe(rows)}
     stem = f"comfyui-{args.comfyui_version}" if args.comfyui_version else "comfyui"
     path = write_json(result, f"{stem}.json", out)
     plot([r for r in rows if r["group"] != "baseline-repeat"], out / f"{stem}.png")
     print(table(rows))
+    print(matched_table(result["matched_nfe"]))
     print(f"wrote {path} and {out / f'{stem}.png'} (ComfyUI {comfyui_version.__version__})")
     return 0
 

@@ -42,6 +42,13 @@ class BlockCache(ResidualCache):
         """Which tensor feeds the indicator: ``head_residual``, ``modulated``, ``range_input`` or None."""
         raise NotImplementedError
 
+    def observed_blocks(self) -> frozenset[int]:
+        """Blocks inside a *computed* range whose output streams the cache also wants (``observe``); none here."""
+        return frozenset()
+
+    def observe(self, i: int, out: Any, key: Hashable = None) -> None:
+        """The streams leaving block ``i`` (one of ``observed_blocks``) of a computed range; ignored here."""
+
 
 class FirstBlockCache(BlockCache):
     """First-Block-Cache (ParaAttention; diffusers ``FirstBlockCache``) and TeaCache on the block stack.

@@ -64,6 +64,7 @@ class BlockRangeRunner:
         self.cache = cache
         self.num_blocks = num_blocks
         self.source = cache.signal_source()
+        self.observed = cache.observed_blocks()
         self.call: _Call | None = None
         cache.block_range(num_blocks, float("inf"))  # head_blocks / num_blocks against this model now
 
@@ -118,7 +119,7 @@ class BlockRangeRunner:
     def wants_output(self, i: int) -> bool:
         """Whether ``ran(i, ...)`` needs the streams leaving block ``i`` (the end of a computed range)."""
         c = self.call
-        return c is not None and i == c.b - 1 and c.range_in is not None
+        return c is not None and c.range_in is not None and (i == c.b - 1 or i in self.observed)
 
     def ran(self, i: int, state_out: Streams | None = None) -> None:
         """Block ``i`` ran; ``state_out`` (in the layout of the range's input) where ``wants_output(i)``."""
@@ -126,6 +127,8 @@ class BlockRangeRunner:
         if c is None:
             return
         self.cache.stats["blocks_run"] += 1
+        if i in self.observed and c.range_in is not None and state_out is not None:
+            self.cache.observe(i, state_out, c.key)
         if i == c.b - 1 and c.range_in is not None:
             if state_out is None:
                 raise RuntimeError(f"BlockRangeRunner.ran({i}) ends the cached range: pass the streams leaving it")
