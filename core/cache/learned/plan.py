@@ -23,7 +23,6 @@ guidance branches at one sigma share it. State (last compute) is kept per key an
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...io import atomic_path
+from ...io import read_safetensors
 from ...sampling.schedules import starts_new_run
 from ..caches import BlockCache
 from ..options import CacheConfigError
 from ..tensors import sigma_value
 from .cache import Feature, _hidden, _with_hidden
 from .predictor import ResidualPredictor
-from .store import check_identity, model_identity
+from .store import check_identity, model_identity, read_header, write_with_header
+from .trajectories import _hidden_in, _hidden_out
 
 
 def check_plan(plan: Mapping[int, int], head_blocks: int = 0) -> dict[int, int]:
@@ -104,7 +104,7 @@ class LearnedPlanCache(BlockCache):
 
     def block_evals(self, num_blocks: int, calls: int) -> int:
         """Block evaluations of one run of ``calls`` calls under this plan (uncached: ``num_blocks * calls``)."""
-        return sum(num_blocks - (self.plan.get(k, 0) if k < calls else 0) for k in range(calls))
+        return num_blocks * calls - sum(n for k, n in self.plan.items() if k < calls)
 
     # ------------------------------------------------------------------ runner interface
     def block_range(self, num_blocks: int, sigma: float) -> tuple[int, int, Hashable]:
@@ -211,13 +211,12 @@ def _record_calls(net: nn.Module, blocks: list[nn.Module], head: int, ends: list
 
     def grab_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if calls:
-            calls[-1]["h"] = _hidden(kwargs.get("hidden_states", args[0] if args else None)).detach().clone()
+            calls[-1]["h"] = _hidden_in(args, kwargs).detach().clone()
 
     def grab_out(b: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _a: tuple, _k: dict, out: Any) -> None:
             if calls:
-                h = out if isinstance(out, Tensor) else out[0]
-                calls[-1]["out"][b] = h.detach().clone()
+                calls[-1]["out"][b] = _hidden_out(out).detach().clone()
         return hook
 
     handles = [net.register_forward_pre_hook(begin, with_kwargs=True),
@@ -281,40 +280,23 @@ PLAN_FORMAT = "fewstep-learned-cache-plan/1"
 def save_plan(path: str | Path, cache: LearnedPlanCache, identity: dict[str, str],
               meta: dict[str, Any] | None = None) -> Path:
     """Write a plan cache's predictors (tensors ``call<k>.<name>``) with the plan, ``head_blocks``, the model
-    fingerprint and ``meta`` in the safetensors header; atomically (temp file in the same folder, fsync, rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint and ``meta`` in the safetensors header; atomically (``store.write_with_header``)."""
     header = {"format": PLAN_FORMAT, "identity": identity, "plan": {str(k): n for k, n in cache.plan.items()},
               "head_blocks": cache.head_blocks,
               "predictors": {str(k): p.config() for k, p in cache.predictors.items()}, "meta": meta or {}}
-    tensors = {f"call{k}.{name}": v.detach().to("cpu").contiguous()
-               for k, p in cache.predictors.items() for name, v in p.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(header)})
-    return path
+    tensors = {f"call{k}.{name}": v for k, p in cache.predictors.items() for name, v in p.state_dict().items()}
+    return write_with_header(path, tensors, header)
 
 
 def load_plan(path: str | Path, model: nn.Module | None = None,
               identity: dict[str, str] | None = None) -> LearnedPlanCache:
     """A ``LearnedPlanCache`` from ``save_plan``'s file; with ``model`` (or its ``identity``) given, refuses one
     trained for another model (``LearnedCacheMismatchError`` naming both fingerprints)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"learned-cache plan not found at {path}")
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("fewstep", "{}"))
-    if header.get("format") != PLAN_FORMAT:
-        raise ValueError(f"{path.name} is not a fewstep learned-cache plan (format {header.get('format')!r}, expected "
-                         f"{PLAN_FORMAT!r})")
+    header = read_header(path, PLAN_FORMAT, "learned-cache plan")
     if model is not None or identity is not None:
         check_identity(header["identity"], identity if identity is not None else model_identity(model),
                        what="plan")
-    tensors = load_file(str(path))
+    tensors, _ = read_safetensors(path)
     preds = {}
     for k, cfg in header["predictors"].items():
         p = ResidualPredictor(**cfg)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...io import atomic_path
+from ...io import read_safetensors, read_safetensors_metadata, save_safetensors
 from .predictor import ResidualPredictor
 
 FORMAT = "fewstep-learned-cache/1"
@@ -61,44 +61,39 @@ def check_identity(expected: dict[str, str], actual: dict[str, str], what: str =
             "that belongs to it")
 
 
+def write_with_header(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
+    """Write ``tensors`` with ``header`` as JSON under the safetensors metadata key ``"fewstep"`` (``core.io``'s
+    atomic ``save_safetensors``: temp file in the same folder, fsync, rename; no sidecar)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_safetensors(tensors, path, meta=header, sidecar=False)
+
+
+def read_header(path: str | Path, fmt: str = FORMAT, what: str = "learned-cache predictor") -> dict[str, Any]:
+    """The ``"fewstep"`` header of a file written by ``write_with_header``; ``ValueError`` unless its format is
+    ``fmt``; a missing or torn file raises ``core.io``'s errors, which name it."""
+    path = Path(path)
+    header = json.loads(read_safetensors_metadata(path).get("fewstep", "{}"))
+    if header.get("format") != fmt:
+        raise ValueError(f"{path.name} is not a fewstep {what} (format {header.get('format')!r}, expected {fmt!r})")
+    return header
+
+
 def save_predictor(path: str | Path, predictor: ResidualPredictor, identity: dict[str, str],
                    meta: dict[str, Any] | None = None) -> Path:
     """Write ``predictor`` to ``path`` (safetensors; header metadata holds the identity, the predictor config and
     ``meta``) atomically: temp file in the same folder, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "identity": identity, "predictor": predictor.config(), "meta": meta or {}}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"fewstep": json.dumps(header)})
-    return path
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"learned-cache predictor not found at {path}")
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("fewstep", "{}"))
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path.name} is not a fewstep learned-cache predictor (format {header.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    return header
+    return write_with_header(path, predictor.state_dict(), header)
 
 
 def load_predictor(path: str | Path, model: nn.Module | None = None, identity: dict[str, str] | None = None
                    ) -> tuple[ResidualPredictor, dict[str, Any]]:
     """``(predictor, header)`` from ``path``; with ``model`` (or its ``identity``) given, refuses a predictor
     trained for another model (``LearnedCacheMismatchError`` naming both fingerprints)."""
-    from safetensors.torch import load_file
-
     header = read_header(path)
     if model is not None or identity is not None:
         check_identity(header["identity"], identity if identity is not None else model_identity(model))
     pred = ResidualPredictor(**header["predictor"])
-    pred.load_state_dict(load_file(str(path)))
+    pred.load_state_dict(read_safetensors(path)[0])
     return pred.eval().requires_grad_(False), header
