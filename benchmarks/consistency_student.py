@@ -38,14 +38,6 @@ SHARD = 256
 PAIR_SEED = 10_000
 
 
-def consistency_grid(model_sampling, num_grid: int = 48) -> torch.Tensor:
-    """The consistency module's grid: sigma 0 and ``num_grid`` levels uniform in the model's time fraction."""
-    from fewstep.core.losses.common import sigma_at_fraction
-
-    u = torch.arange(1, num_grid + 1, dtype=torch.float32) / num_grid
-    return torch.cat([torch.zeros(1), sigma_at_fraction(model_sampling, u).float()])
-
-
 def grid_index(grid: torch.Tensor, sigma: float) -> int:
     """The grid level of a student boundary sigma (they are grid levels by construction)."""
     i = int(torch.argmin((grid - float(sigma)).abs()))
@@ -164,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fewstep.callbacks.train_students import CFG
     from fewstep.core.io import write_json
+    from fewstep.core.losses.consistency import consistency_grid
     from fewstep.core.models.embedded import WEIGHTS_DIR, load_teacher
     from fewstep.core.models.students import load_student
 

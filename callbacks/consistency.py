@@ -24,8 +24,8 @@ from ..core.conditioning import cond_index, cond_to, real_conditions
 from ..core.distill import check_guidance_range, rand_per_sample, randint_per_sample, sample_scales
 from ..core.guidance.adapters import AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
-from ..core.losses.common import ddim_transfer, sigma_at_fraction
-from ..core.losses.consistency import consistency_loss, segment_boundaries, segment_end_index
+from ..core.losses.common import ddim_transfer
+from ..core.losses.consistency import consistency_grid, consistency_loss, segment_boundaries, segment_end_index
 from .base import DistillationModule
 from .sharding import full_tensor, like_param, reshard
 
@@ -93,8 +93,7 @@ class ConsistencyDistillation(DistillationModule):
             raise ValueError(f"real_data samples have shape {tuple(self.real_data.shape[1:])}, "
                              f"expected {self.sample_shape}")
         self.real_labels = None if real_labels is None else real_conditions(real_labels)
-        u = torch.arange(1, self.num_grid + 1, dtype=torch.float32) / self.num_grid
-        self.grid = torch.cat([torch.zeros(1), sigma_at_fraction(self.model_sampling, u).float()])
+        self.grid = consistency_grid(self.model_sampling, self.num_grid)
         self.conditioned = self.guidance_range[0] != self.guidance_range[1]
         self.eval_guidance = float(eval_guidance if eval_guidance is not None else self.guidance_range[0]
                                    if not self.conditioned else sum(self.guidance_range) / 2)

@@ -11,12 +11,13 @@ torch.set_num_threads(1)
 
 def _setup():
     from fewstep.benchmarks import consistency_student as cs
+    from fewstep.core.losses.consistency import consistency_grid
     from fewstep.core.models.embedded import WEIGHTS_DIR, load_teacher
     from fewstep.core.models.students import load_student
 
     student, meta = load_student(WEIGHTS_DIR / "digits_consistency_4step.safetensors")
     sigmas = torch.as_tensor(meta["sigmas"], dtype=torch.float32)
-    return cs, load_teacher(), student, sigmas, cs.consistency_grid(student.model_sampling)
+    return cs, load_teacher(), student, sigmas, consistency_grid(student.model_sampling)
 
 
 def test_student_sigmas_are_grid_levels_and_others_are_refused():

@@ -12,6 +12,7 @@ from .common import (
 )
 from .consistency import (
     consistency_distance,
+    consistency_grid,
     consistency_loss,
     pseudo_huber,
     pseudo_huber_c,
@@ -40,7 +41,8 @@ from .reflow import (
 )
 
 __all__ = [
-    "DIVERGENCES", "consistency_distance", "consistency_loss", "ddim_transfer", "dmd_gradient", "dmd_loss",
+    "DIVERGENCES", "consistency_distance", "consistency_grid", "consistency_loss", "ddim_transfer", "dmd_gradient",
+    "dmd_loss",
     "f_divergence_weight", "f_divergence_weights", "fake_score_loss", "flow_time", "fraction_at_sigma",
     "gan_discriminator_loss", "gan_generator_loss", "guidance_distillation_loss", "guidance_target",
     "is_flow_sampling", "pseudo_huber", "pseudo_huber_c", "reflow_huber_loss", "reflow_loss", "segment_boundaries",

@@ -25,7 +25,14 @@ import math
 import torch
 from torch import Tensor
 
-from .common import ddim_transfer, weighted_mean
+from .common import ddim_transfer, sigma_at_fraction, weighted_mean
+
+
+def consistency_grid(model_sampling, num_grid: int = 48) -> Tensor:
+    """The solver grid of multistep consistency distillation: sigma 0 and ``num_grid`` levels uniform in the model's
+    time fraction (LCM's DDIM grid; segment boundaries are levels of it)."""
+    u = torch.arange(1, num_grid + 1, dtype=torch.float32) / num_grid
+    return torch.cat([torch.zeros(1), sigma_at_fraction(model_sampling, u).float()])
 
 
 def pseudo_huber_c(dim: int) -> float:
