@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from fewstep.callbacks.train_students import CFG
-    from fewstep.core.io import write_json
+    from fewstep.core.io import load_torch, save_torch, write_json
     from fewstep.core.losses.consistency import consistency_grid
     from fewstep.core.models.embedded import WEIGHTS_DIR, load_teacher
     from fewstep.core.models.students import load_student
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f = work / "pairs" / f"shard_{i:04d}.pt"
         if not f.exists():
             t0 = time.perf_counter()
-            save_tensors_state(f, make_shard(init_student, teacher, sigmas, grid, i, cfg, config["teacher_skip"]))
+            save_torch(make_shard(init_student, teacher, sigmas, grid, i, cfg, config["teacher_skip"]), f,
+                       keep_previous=False)
             print(f"pairs shard {i}: {time.perf_counter() - t0:.0f} s", flush=True)
     pairs = load_pairs(work / "pairs", config["pairs"] // SHARD)
     del init_student
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(student.model.parameters(), lr=config["lr"], betas=(0.9, 0.999))
     batches, curve = 0, {"history": []}
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = load_torch(ckpt_path)
         student.model.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         batches = int(state["batches"])
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         state = {"student": student.model.state_dict(), "optimizer": opt.state_dict(), "batches": batches}
-        save_tensors_state(ckpt_path, state)
+        save_torch(state, ckpt_path)
 
     def measure() -> None:
         student.model.eval()
@@ -229,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         curve["history"].append(row)
         write_json(work / "curve.json", curve)
         (work / "snapshots").mkdir(exist_ok=True)
-        save_tensors_state(work / "snapshots" / f"b{batches:05d}.pt", {"student": student.model.state_dict(),
-                                                                       "batches": batches})
+        save_torch({"student": student.model.state_dict(), "batches": batches},
+                   work / "snapshots" / f"b{batches:05d}.pt", keep_previous=False)
         print(f"batch {batches}: FD {row['fd']:.3f} acc {row['accuracy']:.3f} prec {row['precision']:.3f} "
               f"recall {row['recall']:.3f} div {row['diversity']:.2f}", flush=True)
 
@@ -256,14 +257,6 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint()
     checkpoint()
     return 0
-
-
-def save_tensors_state(path: Path, state: dict) -> None:
-    from fewstep.core.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def publish_curve(work: Path, out_dir: Path, upto: int, name: str, config: dict, cfg: float,

@@ -13,12 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
-from ..core.io import atomic_path, load_with_fallback
+from ..core.io import load_with_fallback, save_torch
 
 __all__ = ["SafeCheckpointIO"]
 
@@ -37,8 +36,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         """
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_path(Path(path), keep_previous=True) as tmp:
-            torch.save(checkpoint, tmp)
+        save_torch(checkpoint, Path(path))
 
     @override
     def load_checkpoint(self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage,

@@ -242,6 +242,25 @@ def load_with_fallback(path: str | Path, load: Any, what: str = "checkpoint") ->
     return obj, prev
 
 
+def save_torch(obj: Any, path: str | Path, keep_previous: bool = True) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically; ``keep_previous``: the replaced file stays as ``<path>.prev`` for
+    :func:`load_with_fallback` (training checkpoints). Load it back with :func:`load_torch`."""
+    import torch
+
+    with atomic_path(path, keep_previous=keep_previous) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def load_torch(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (no pickle), falling back to ``<path>.prev`` when ``path`` is torn
+    (:func:`load_with_fallback`)."""
+    import torch
+
+    obj, _ = load_with_fallback(path, lambda p: torch.load(p, map_location=map_location, weights_only=True), what)
+    return obj
+
+
 def write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:

@@ -16,15 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, load_with_fallback
+from ..io import load_torch, save_torch
 from .digits import load_digits_tensors
 from .embedded import TEACHER_CONFIG, TEACHER_FILE, build_dit, save_model, teacher_model_sampling
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` atomically, keeping the replaced checkpoint as ``<path>.prev`` for a torn-file fallback."""
-    with atomic_path(path, keep_previous=True) as tmp:
-        torch.save(obj, tmp)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -79,7 +73,7 @@ def train_teacher(
     step, elapsed = 0, 0.0
     losses: list[float] = []
     if ckpt_path.exists():
-        ck, _ = load_with_fallback(ckpt_path, lambda p: torch.load(p, weights_only=True), "teacher checkpoint")
+        ck = load_torch(ckpt_path, "teacher checkpoint")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -116,7 +110,7 @@ def train_teacher(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
         if step % checkpoint_every == 0 or step == steps or step == stop_at:
-            _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            save_torch({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                                 "elapsed": time.time() - t0, "losses": losses}, ckpt_path)
         if step == stop_at:
