@@ -7,6 +7,8 @@ Run as a script to train one or all methods and save the student's weights (used
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +20,23 @@ TINY = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 1, "ou
         "activation_fn": "gelu-approximate"}
 SHAPE = (1, 8, 8)
 METHODS = ("dmd2", "consistency", "reflow", "agd")
+
+
+def save_results(results: dict, out: Path) -> None:
+    """Rank 0's results for the parent test: written atomically, plain tensors and numbers (read without pickle)."""
+    from fewstep.core.io import save_torch
+
+    save_torch(results, out, keep_previous=False)
+
+
+def run_ranks(script: str, args: list[str], out: Path, timeout: int = 900) -> dict:
+    """Run ``tests/<script> *args`` (it starts its own ranks), with one thread per process; assert it succeeded and
+    return what it saved to ``out`` (``torch.load(weights_only=True)``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
 
 
 def quiet() -> None:
@@ -125,10 +144,7 @@ def main(argv: list[str]) -> int:
         rank = t.global_rank
         results[m] = {"state": trained_state(module), "counters": module.counters()}
     if rank == 0:
-        from fewstep.core.io import atomic_path
-
-        with atomic_path(out) as tmp:
-            torch.save(results, tmp)
+        save_results(results, out)
     return 0
 
 if __name__ == "__main__":

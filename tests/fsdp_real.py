@@ -47,10 +47,7 @@ def main(argv: list[str]) -> int:
         module.export(out.with_suffix(".export") / "student.safetensors")
     res = {"state": fsdp_tiny.full_state(module), "counters": module.counters(), "sharded": module.is_sharded()}
     if t.global_rank == 0:
-        from fewstep.core.io import atomic_path
-
-        with atomic_path(out) as tmp:
-            torch.save(res, tmp)
+        tiny.save_results(res, out)
     return 0
 
 

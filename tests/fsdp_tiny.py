@@ -99,10 +99,7 @@ def main(argv: list[str]) -> int:
         results[f"{m}/lora"] = {"state": full_state(module), "ema": ema_state(ema), "counters": module.counters(),
                                 "placement": placement(module, t)}
     if rank == 0:
-        from fewstep.core.io import atomic_path
-
-        with atomic_path(out) as tmp:
-            torch.save(results, tmp)
+        tiny.save_results(results, out)
     return 0
 
 

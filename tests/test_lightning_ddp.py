@@ -1,19 +1,10 @@
 """DDP with 2 CPU processes (gloo) gives the weights of one process at the same global batch, for every method."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("lightning")
 pytest.importorskip("peft")
-
-HERE = Path(__file__).resolve().parent
-
-
 
 
 @pytest.mark.slow
@@ -25,11 +16,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     tiny.trajectories(tmp_path, teacher, 2.0)  # made once here, read by both ranks
     tiny.trajectories(tmp_path, teacher, (1.0, 3.0))
     out = tmp_path / "ddp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(HERE / "distill_tiny.py"), "all", str(out), "2", str(tmp_path), "4"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=False)
+    ddp = tiny.run_ranks("distill_tiny.py", ["all", str(out), "2", str(tmp_path), "4"], out)
     for method in tiny.METHODS:
         module = tiny.build(method, tmp_path)
         tiny.trainer(module, 4).fit(module)

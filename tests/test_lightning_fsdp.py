@@ -1,20 +1,12 @@
 """FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard``) with 2 CPU processes (gloo) gives the weights and the
 EMA of one process at the same global batch, for every method; a sharded checkpoint resumes bit-exactly."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("lightning")
 pytest.importorskip("peft")
 pytest.importorskip("torch.distributed.fsdp")
-
-HERE = Path(__file__).resolve().parent
-
 
 def _close(a: dict, b: dict) -> dict:
     """Tensors outside the DDP test's tolerance (attention key biases excluded, see test_lightning_ddp.py)."""
@@ -32,12 +24,9 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_resume_exactly(tmp_path):
     tiny.trajectories(tmp_path, teacher, 2.0)  # made once here, read by both ranks
     tiny.trajectories(tmp_path, teacher, (1.0, 3.0))
     out = tmp_path / "fsdp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp_tiny.py"), "all", str(out), "2", str(tmp_path), "4", "2",
-                           '{"bf16_methods": ["dmd2"], "lora_methods": ["dmd2", "reflow"], "ac_methods": ["dmd2"]}'],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fsdp = torch.load(out, weights_only=False)
+    fsdp = tiny.run_ranks("fsdp_tiny.py", ["all", str(out), "2", str(tmp_path), "4", "2",
+                                           '{"bf16_methods": ["dmd2"], "lora_methods": ["dmd2", "reflow"], '
+                                           '"ac_methods": ["dmd2"]}'], out)
     for method in tiny.METHODS:
         res = fsdp[method]
         assert res["sharded"], method

@@ -162,21 +162,11 @@ def test_fsdp2_on_a_real_architecture_matches_one_process(tmp_path):
     only forward in the generator step is a no-grad one, after which FSDP2 kept its root unit gathered and the next
     training forward skipped that unit's gradient reduce-scatter (each rank stepped on its own gradient: 4e-3
     apart after 3 batches); ``DMD2Distillation`` now reshards the critic after it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import distill_tiny as tiny
     import fsdp_real
 
     out = tmp_path / "fsdp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    script = Path(__file__).resolve().parent / "fsdp_real.py"
-    proc = subprocess.run([sys.executable, str(script), "flux", str(out), "2"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fsdp = torch.load(out, weights_only=False)
+    fsdp = tiny.run_ranks("fsdp_real.py", ["flux", str(out), "2"], out, timeout=600)
     assert fsdp["sharded"]
     _, module = fsdp_real.fit("flux", 1)
     assert fsdp["counters"] == module.counters()
@@ -229,21 +219,12 @@ def test_bf16_teacher_on_request():
 def test_sharded_lora_student_exports_like_one_process(tmp_path):
     """A LoRA student trained under FSDP2 (2 CPU processes) is exported from the shards: the merged weights and the
     ComfyUI LoRA file equal those of one process (the tolerance of tests/test_lightning_fsdp.py)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    import distill_tiny as tiny
     import fsdp_real
     from safetensors.torch import load_file
 
     out = tmp_path / "fsdp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    script = Path(__file__).resolve().parent / "fsdp_real.py"
-    proc = subprocess.run([sys.executable, str(script), "flux", str(out), "2", "fsdp2", "lora"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert torch.load(out, weights_only=False)["sharded"]
+    assert tiny.run_ranks("fsdp_real.py", ["flux", str(out), "2", "fsdp2", "lora"], out, timeout=600)["sharded"]
     _, module = fsdp_real.fit("flux", 1, lora=True)
     single = module.export(tmp_path / "single" / "student.safetensors")
     names = sorted(p.name for p in single)
