@@ -73,8 +73,9 @@ def _setup(which: str, cfg: float) -> dict[str, Any]:
             "sampler": get_sampler("dpmpp_2m"), "sigmas": get_sigmas("karras", den.model_sampling, 8),
             "desc": f"teacher, 8-step dpmpp_2m (karras), CFG {cfg:g} (cond + uncond in one batch)",
             "schedules": [(1, 3, 5, 7), (2, 4, 6, 7), (1, 3, 5)], "e2e": [(2, 4, 6, 7)], "max_gap": 2,
-            "train_per_class": 8, "plans": [{1: 5, 2: 5, 3: 5, 7: 5}, {1: 5, 2: 5, 3: 5, 4: 3, 7: 5},
-                                             {1: 5, 2: 5, 3: 5, 4: 5, 7: 5}], "plan_train_per_class": 20}
+            "train_per_class": 8, "plans": [{1: 5, 2: 5, 3: 5, 7: 5}, {1: 5, 2: 5, 3: 5, 4: 2, 7: 5},
+                                             {1: 5, 2: 5, 3: 5, 4: 3, 7: 5}, {1: 5, 2: 5, 3: 5, 4: 5, 7: 5}],
+            "plan_train_per_class": 20}
 
 
 @torch.no_grad()
