@@ -250,3 +250,12 @@ def test_plan_of_other_weights_is_refused_with_both_fingerprints(env, plan_file)
 def test_plan_file_takes_no_skip_steps(env, plan_file):
     with pytest.raises(ValueError, match="set skip_steps to 'auto'"):
         env.C.FewstepLearnedCache.execute(env.model, "plan.safetensors", "1,3")
+
+
+def test_plan_past_the_models_blocks_is_refused(env, folder):
+    from fewstep.core.cache.learned import LearnedPlanCache, model_identity, save_plan
+
+    den, _ = _twin(env)
+    save_plan(folder / "long.safetensors", LearnedPlanCache({1: 9}), model_identity(den))
+    with pytest.raises(ValueError, match="FewstepLearnedCache: plan .* skips past the model's 5 blocks"):
+        env.C.FewstepLearnedCache.execute(env.model, "long.safetensors", "auto")
