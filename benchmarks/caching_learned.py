@@ -73,7 +73,9 @@ def _setup(which: str, cfg: float) -> dict[str, Any]:
             "sampler": get_sampler("dpmpp_2m"), "sigmas": get_sigmas("karras", den.model_sampling, 8),
             "desc": f"teacher, 8-step dpmpp_2m (karras), CFG {cfg:g} (cond + uncond in one batch)",
             "schedules": [(1, 3, 5, 7), (2, 4, 6, 7), (1, 3, 5)], "e2e": [(2, 4, 6, 7)], "max_gap": 2,
-            "train_per_class": 8, "plans": [], "plan_train_per_class": 8}
+            "train_per_class": 8, "plans": [{1: 5, 2: 5, 3: 5, 7: 5}, {1: 5, 2: 5, 3: 5, 4: 2, 7: 5},
+                                             {1: 5, 2: 5, 3: 5, 4: 3, 7: 5}, {1: 5, 2: 5, 3: 5, 4: 5, 7: 5}],
+            "plan_train_per_class": 20}
 
 
 @torch.no_grad()
@@ -114,6 +116,18 @@ PLAN_EPOCHS = 30
 def plan_label(plan: dict[int, int]) -> str:
     """``{1: 5, 2: 2}`` -> ``"1:5,2:2"`` (call: blocks skipped from the first)."""
     return ",".join(f"{k}:{n}" for k, n in sorted(plan.items()))
+
+
+def parse_plans(text: str) -> list[dict[int, int]]:
+    """``"1:5,2:3;1:5,2:2"`` -> ``[{1: 5, 2: 3}, {1: 5, 2: 2}]`` (``plan_label``'s form, plans split by ``;``)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            out.append({int(k): int(n) for k, n in (e.split(":") for e in part.split(","))})
+        except ValueError:
+            raise SystemExit(f"--plans {text!r}: write each plan as call:blocks pairs, e.g. "
+                             "'1:5,2:3;1:5,2:2'") from None
+    return out
 
 
 def _train_plans(s: dict, den: Any, net: Any, blocks: list, identity: dict, rank: int, seed: int, out_dir: Path,
@@ -183,12 +197,14 @@ LEARNED_KINDS = ("learned", "learned plan")
 
 def model_benchmark(which: str, per_class: int, train_per_class: int, cfg: float, out_dir: Path, repeats: int,
                     epochs: int, rank: int, seed: int = 0, log: Callable[[str], None] = print,
-                    e2e_iters: int = 150, plan_train_per_class: int = 0, plan_epochs: int = PLAN_EPOCHS
-                    ) -> dict[str, Any]:
+                    e2e_iters: int = 150, plan_train_per_class: int = 0, plan_epochs: int = PLAN_EPOCHS,
+                    plans: list[dict[int, int]] | None = None) -> dict[str, Any]:
     from fewstep.callbacks.learned_cache import LearnedCacheExport, fit_learned_cache
     from fewstep.core.metrics.quality import evaluate_samples
 
     s = _setup(which, cfg)
+    if plans is not None:
+        s["plans"] = plans
     den, net = s["den"], s["den"].model
     blocks = list(net.transformer_blocks)
     counter = BlockCounter(net)
@@ -362,7 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="end-to-end fine-tuning steps per e2e schedule (core.cache.learned.finetune; 0: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plan-train-per-class", type=int, default=0,
-                   help="training samples per digit for each plan predictor (0: per model, 40 student)")
+                   help="training samples per digit for each plan predictor (0: per model, 40 student / 20 teacher)")
+    p.add_argument("--plans", default=None,
+                   help="learned-cache plans to train and score, e.g. '1:5,2:3;1:5,2:2' (call:blocks skipped from the "
+                        "first; default per model; '' for none)")
     p.add_argument("--name", default=None, help="results file stem (default caching_learned[_<models>])")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 samples per digit, 2 epochs")
     p.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
@@ -380,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "models": [model_benchmark(w, a.per_class, a.train_per_class, a.cfg, wout, a.repeats,
                                                          a.epochs, a.rank, e2e_iters=a.e2e_iters,
                                                          plan_train_per_class=a.plan_train_per_class,
-                                                         plan_epochs=2 if a.quick else PLAN_EPOCHS)
+                                                         plan_epochs=2 if a.quick else PLAN_EPOCHS,
+                                                         plans=None if a.plans is None else parse_plans(a.plans))
                                          for w in a.models.split(",")]}
     result["command"] = "python -m fewstep.benchmarks.caching_learned " + " ".join(argv if argv is not None else
                                                                                  __import__("sys").argv[1:])

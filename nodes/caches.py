@@ -12,8 +12,9 @@ calibration lookup and model identity in ``nodes/cache_store.py``, the calibrati
   2.1/2.2, SD3, the embedded digits DiT).
 - ``FewstepLearnedCache`` -- the learned cache (DisCa, Zou et al. 2025; ``core.cache.learned.LearnedCache``): a
   trained predictor file from ComfyUI's ``models/fewstep_learned_caches`` folder stands in for the middle blocks on a
-  fixed skip schedule, through the same block patches; a predictor trained for other weights is refused with both
-  fingerprints named.
+  fixed skip schedule, through the same block patches; or a *plan* file (``core.cache.learned.LearnedPlanCache``,
+  ``save_plan``) gives each call of the run its own block range and predictor. A file trained for other weights is
+  refused with both fingerprints named.
 - ``FewstepCacheCalibrate`` -- runs a few full-compute sampling runs of the connected MODEL, fits the TeaCache
   polynomials and MagCache curves and writes ``<name>--<hash>.json`` atomically into ComfyUI's
   ``models/fewstep_cache_calibrations`` folder, where the cache nodes then find it by the model's fingerprint
@@ -30,7 +31,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..core.cache import CacheConfigError, CFGBranchCache, DeltaDiTCache, FirstBlockCache, ResidualCache, StepCache
-from ..core.cache.learned import LearnedCache, load_predictor, read_header
+from ..core.cache.learned import PLAN_FORMAT, LearnedCache, file_format, load_plan, load_predictor, read_header
 from ..core.cache.learned.store import check_identity
 from .cache_calibration import CALIBRATION_SAMPLERS, calibrate_model
 from .cache_store import (
@@ -301,18 +302,21 @@ class FewstepLearnedCache(io.ComfyNode):
             category=CATEGORY,
             description="Skips the model's middle transformer blocks at the listed calls of each run and predicts "
                         "their residual with a small trained network (DisCa, Zou et al. 2025) instead of reusing "
-                        "it: for few-step students, where rule-based caches find nothing to skip. The predictor "
-                        f"file (models/{LEARNED_FOLDER}) is keyed to the weights it was trained on; another "
+                        "it: for few-step students, where rule-based caches find nothing to skip. A plan file "
+                        "(LearnedPlanCache) gives each call its own block range and predictor instead. The file "
+                        f"(models/{LEARNED_FOLDER}) is keyed to the weights it was trained on; another "
                         "model's is refused. State per guidance branch, reset every run.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the predictor was trained for (the embedded digits DiT "
                                                 "or another DiT with a declared block layout)."),
                 io.Combo.Input("predictor", options=learned_cache_files(),
-                               tooltip=f"A learned-cache predictor (.safetensors) in models/{LEARNED_FOLDER}, "
-                                       "written by fewstep's learned-cache training."),
+                               tooltip=f"A learned-cache predictor or plan (.safetensors) in models/{LEARNED_FOLDER}, "
+                                       "written by fewstep's learned-cache training (LearnedCacheExport / "
+                                       "save_plan)."),
                 io.String.Input("skip_steps", default="auto",
                                 tooltip="Calls of each sampling run (0-based) whose middle blocks are predicted: "
-                                        "'auto' = the schedule the predictor was trained for, or e.g. '1,3'."),
+                                        "'auto' = the schedule the predictor was trained for, or e.g. '1,3'. A plan "
+                                        "file carries its own calls and ranges: keep 'auto'."),
             ],
             outputs=[_model_output()],
         )
@@ -321,6 +325,8 @@ class FewstepLearnedCache(io.ComfyNode):
     def execute(cls, model: Any, predictor: str, skip_steps: str = "auto") -> io.NodeOutput:
         node = "FewstepLearnedCache"
         path = learned_cache_path(predictor, node)
+        if file_format(path) == PLAN_FORMAT:
+            return _plan_cache(model, path, skip_steps, node)
         try:
             header = read_header(path)
             check_identity(header["identity"], learned_identity(model), keys=("weights_hash",))
@@ -346,6 +352,27 @@ class FewstepLearnedCache(io.ComfyNode):
         m = model.clone()
         install_block_cache(m, CacheHolder("block", label, make, model, m, layout), layout)
         return io.NodeOutput(m)
+
+
+def _plan_cache(model: Any, path: Any, skip_steps: str, node: str) -> io.NodeOutput:
+    """``FewstepLearnedCache`` on a plan file: ``core.cache.learned.LearnedPlanCache`` (loaded once, checked against
+    the MODEL's weights; a fresh cache with the shared predictors per sampling run) through the block patches."""
+    if _parse_skip_steps(skip_steps, node) is not None:
+        raise ValueError(f"{node}: {path.name} is a learned-cache plan (its own calls and block ranges); set "
+                         f"skip_steps to 'auto', got {skip_steps!r}")
+    try:
+        plan = load_plan(path, identity=learned_identity(model), keys=("weights_hash",))
+    except (ValueError, KeyError) as e:  # LearnedCacheMismatchError names both fingerprints
+        raise ValueError(f"{node}: {e}") from e
+    layout = block_layout(model)
+    try:
+        plan.block_range(len(layout), float("inf"))
+    except CacheConfigError as e:
+        raise ValueError(f"{node}: {e}") from e
+    label = f"learned plan {path.name}, " + ", ".join(f"call {k}: {n} blocks" for k, n in plan.plan.items())
+    m = model.clone()
+    install_block_cache(m, CacheHolder("block", label, plan.fresh, model, m, layout), layout)
+    return io.NodeOutput(m)
 
 
 # ----------------------------------------------------------------------------------------------- calibration

@@ -151,3 +151,14 @@ def test_bad_plans_are_refused():
         LearnedPlanCache({1: 2}, {2: ResidualPredictor(16, rank=0)})
     with pytest.raises(CacheConfigError, match="past the model's 3 blocks"):
         _sample_dit(_dit(0), LearnedPlanCache({1: 3}, head_blocks=1))
+
+
+def test_benchmark_plan_option_parses_and_refuses():
+    from fewstep.benchmarks.caching_learned import parse_plans, plan_label
+
+    plans = parse_plans("1:5,2:5,3:5,7:5; 1:5,2:3;")
+    assert plans == [{1: 5, 2: 5, 3: 5, 7: 5}, {1: 5, 2: 3}]
+    assert [plan_label(p) for p in plans] == ["1:5,2:5,3:5,7:5", "1:5,2:3"]
+    assert parse_plans("") == []
+    with pytest.raises(SystemExit, match="call:blocks"):
+        parse_plans("1-5")

@@ -147,3 +147,115 @@ def test_predictor_of_other_weights_is_refused_with_both_fingerprints(env, folde
 def test_bad_inputs_are_refused(env, folder, name, skip, match):
     with pytest.raises(ValueError, match=match):
         env.C.FewstepLearnedCache.execute(env.model, name, skip)
+
+
+# ----------------------------------------------------------------------------------------------- plan files
+PLAN = {1: 5, 2: 2, 4: 3}
+
+
+@pytest.fixture
+def plan_file(env, folder):
+    """A learned-cache plan of the model (``save_plan``) beside the predictor, every predictor weight nonzero."""
+    from fewstep.core.cache.learned import LearnedPlanCache, model_identity, save_plan
+
+    den, _ = _twin(env)
+    dim = int(den.model.inner_dim)
+    cache = LearnedPlanCache(PLAN, {k: _predictor(dim, seed=k) for k in PLAN}, head_blocks=0)
+    save_plan(folder / "plan.safetensors", cache, model_identity(den))
+    return folder / "plan.safetensors"
+
+
+def _core_sample(env, cfg, cache, sigmas):
+    from fewstep.core.cache import apply_cache
+    from fewstep.core.sampling import get_sampler
+
+    noise = torch.randn(BATCH, 1, 16, 16, generator=torch.manual_seed(SEED))
+    with apply_cache(cfg, cache):
+        return get_sampler("euler")(cfg, noise * (1 + sigmas[0] ** 2) ** 0.5, sigmas,
+                                    extra_args={"class_labels": torch.full((BATCH,), 3)}, disable=True)
+
+
+def test_plan_node_sample_equals_cores_plan_cache_sample(env, plan_file):
+    from fewstep.core.cache.learned import LearnedPlanCache, load_plan
+
+    patched = env.C.FewstepLearnedCache.execute(env.model, "plan.safetensors", "auto")[0]
+    got, sigmas = _comfy_sample(env, patched)
+    den, cfg = _twin(env)
+    cache = load_plan(plan_file, den)  # core's own fingerprint check (config + weights)
+    ref = _core_sample(env, cfg, cache, sigmas)
+    st = _stats(patched)
+    skipped = sum(PLAN.values())
+    assert st["skipped"] == cache.stats["skipped"] == len(PLAN)  # cond + uncond in one batch: one key
+    assert st["blocks_skipped"] == cache.stats["blocks_skipped"] == skipped
+    assert st["blocks_run"] == cache.stats["blocks_run"] == STEPS * len(den.model.transformer_blocks) - skipped
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the predictors matter: plain reuse on the same plan gives another sample
+    reuse = _core_sample(env, cfg, LearnedPlanCache(PLAN), sigmas)
+    assert (reuse - got).abs().max() > 1e-3
+
+
+def test_plan_state_is_per_run_and_per_clone(env, plan_file):
+    a = env.C.FewstepLearnedCache.execute(env.model, "plan.safetensors", "auto")[0]
+    b = env.C.FewstepLearnedCache.execute(env.model, "digits.safetensors", "auto")[0]
+    first, _ = _comfy_sample(env, a)
+    other, _ = _comfy_sample(env, b)
+    again, _ = _comfy_sample(env, a)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)  # nothing of run 1 survives into run 2
+    hist = a.model_options["transformer_options"][env.C.BLOCK_KEY].history
+    assert len(hist) == 2 and hist[0]["skipped"] == hist[1]["skipped"] == len(PLAN)
+    assert hist[0]["runs"] == hist[1]["runs"] == 1  # a fresh core cache per run
+    assert (first - other).abs().max() > 1e-4
+
+
+def test_plan_state_is_per_guidance_branch(env, plan_file):
+    """cond and uncond in separate model calls (ComfyUI splits a batch that does not fit): each branch keeps its own
+    reference, so the sample equals the one-batch run's."""
+
+    patched = env.C.FewstepLearnedCache.execute(env.model, "plan.safetensors", "auto")[0]
+    together, _ = _comfy_sample(env, patched)
+    split = patched.clone()
+
+    def one_branch_per_call(apply_model, args):  # a model-function wrapper that runs each branch on its own
+        x, t, c, cou = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        outs = []
+        for i, b in enumerate(cou):
+            n = x.shape[0] // len(cou)
+            sl = slice(i * n, (i + 1) * n)
+            ci = {k: (v[sl] if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1] else v)
+                  for k, v in c.items()}
+            ci["transformer_options"] = {**c.get("transformer_options", {}), "cond_or_uncond": [b]}
+            outs.append(apply_model(x[sl], t[sl], **ci))
+        return torch.cat(outs)
+
+    split.set_model_unet_function_wrapper(one_branch_per_call)
+    apart, _ = _comfy_sample(env, split)
+    st = _stats(split)
+    assert st["skipped"] == 2 * len(PLAN)  # one skip per branch and planned call
+    torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_of_other_weights_is_refused_with_both_fingerprints(env, plan_file):
+    from fewstep.core.cache.learned import read_header
+    from fewstep.nodes.cache_store import learned_identity
+
+    teacher = env.EM.load_digits_model(env.EM.TEACHER_NAME)
+    with pytest.raises(ValueError) as e:
+        env.C.FewstepLearnedCache.execute(teacher, "plan.safetensors", "auto")
+    msg = str(e.value)
+    assert "FewstepLearnedCache" in msg and "plan" in msg
+    assert read_header(plan_file, "fewstep-learned-cache-plan/1")["identity"]["weights_hash"] in msg
+    assert learned_identity(teacher)["weights_hash"] in msg
+
+
+def test_plan_file_takes_no_skip_steps(env, plan_file):
+    with pytest.raises(ValueError, match="set skip_steps to 'auto'"):
+        env.C.FewstepLearnedCache.execute(env.model, "plan.safetensors", "1,3")
+
+
+def test_plan_past_the_models_blocks_is_refused(env, folder):
+    from fewstep.core.cache.learned import LearnedPlanCache, model_identity, save_plan
+
+    den, _ = _twin(env)
+    save_plan(folder / "long.safetensors", LearnedPlanCache({1: 9}), model_identity(den))
+    with pytest.raises(ValueError, match="FewstepLearnedCache: plan .* skips past the model's 5 blocks"):
+        env.C.FewstepLearnedCache.execute(env.model, "long.safetensors", "auto")

@@ -5,7 +5,8 @@
   ``export_onnx_atomic`` writes through a temporary file and a rename (no half-written file on failure).
 - ``OnnxDenoiser``, ``generate`` (numpy + onnxruntime only): sample an export on the device.
 - ``export_learned_cache`` / ``OnnxLearnedCacheDenoiser``: the same with a learned cache on (a full and a partial
-  graph, switched per call by the exported skip plan).
+  graph, switched per call by the exported skip plan); ``export_learned_plan`` / ``OnnxLearnedPlanDenoiser``: the same
+  for a learned-cache plan (a block range and predictor per call: one partial graph per planned call).
 
 Names resolve lazily so that importing this package imports neither torch nor onnxruntime; the runtime modules
 (``runtime``, ``np_sampling``, ``metadata``) never import torch.
@@ -29,6 +30,8 @@ _LAZY = {
     "OnnxModelError": "metadata",
     "export_learned_cache": "learned_cache",
     "OnnxLearnedCacheDenoiser": "cached_runtime",
+    "export_learned_plan": "learned_plan",
+    "OnnxLearnedPlanDenoiser": "cached_runtime",
     "METADATA_KEY": "metadata",
 }
 

@@ -4,7 +4,8 @@
 (keeping the cached range's input and residual, as ``core.cache.learned.LearnedCache.update`` does) or, at the call
 indices of the skip plan, the partial graph with the kept state (the predictor in place of the range, as
 ``LearnedCache.predict``). The state machine is core's: a run starts when sigma rises (or the batch shape changes);
-a skip with no state of the same shape computes instead. Imports no torch.
+a skip with no state of the same shape computes instead. ``OnnxLearnedPlanDenoiser`` does the same for an exported
+learned-cache plan (``core.export.learned_plan``: a partial graph per planned call). Imports no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..sampling.schedules import starts_new_run
 from .metadata import OnnxModelError
 from .runtime import OnnxDenoiser
 
-__all__ = ["OnnxLearnedCacheDenoiser"]
+__all__ = ["OnnxLearnedCacheDenoiser", "OnnxLearnedPlanDenoiser"]
 
 
 class OnnxLearnedCacheDenoiser(OnnxDenoiser):
@@ -84,6 +85,72 @@ class OnnxLearnedCacheDenoiser(OnnxDenoiser):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             raise RuntimeError(f"{self.name}: onnxruntime failed on inputs "
                                f"{ {k: v.shape for k, v in feeds.items()} }: {str(e)[:500]}") from e
+        self._sigma_c = s
+        self.stats["computed"] += 1
+        return out
+
+
+class OnnxLearnedPlanDenoiser(OnnxDenoiser):
+    """``D(x, sigma, **cond) -> x0`` with an exported learned-cache *plan* on (``core.export.learned_plan``): per call
+    of a sampling run either the full graph (keeping the range input and every planned range's residual, as
+    ``core.cache.learned.LearnedPlanCache.update`` / ``observe`` do) or, at a planned call ``k``, call ``k``'s partial
+    graph with the kept state. Core's state machine: the call index advances with each new sigma and a run starts
+    when sigma rises; a planned call with no state of the same batch computes instead.
+
+    Args:
+        path: the full graph written by ``export_learned_plan`` (its partial graphs are found next to it).
+        providers, threads: as ``OnnxDenoiser`` (every graph uses them); IO binding is not used.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        super().__init__(path, providers=providers, io_binding=False, threads=threads)
+        meta = self.meta.get("learned_cache_plan")
+        if not isinstance(meta, dict):
+            raise OnnxModelError(f"{self.path} has no learned-cache plan (export it with export_learned_plan)")
+        self.plan = {int(k): int(n) for k, n in meta["plan"].items()}
+        self.partials = {int(k): OnnxDenoiser(self.path.with_name(f), providers=providers, io_binding=False,
+                                              threads=threads) for k, f in meta["partials"].items()}
+        self.residuals = {int(k): n for k, n in meta["residual_outputs"].items()}
+        self.features = [meta["range_input"], *sorted(set(self.residuals.values()))]
+        self.cache_inputs = list(meta["cache_inputs"])
+        self.stats = {"calls": 0, "computed": 0, "skipped": 0, "runs": 0}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cached state (a new sampling run also starts by itself when sigma rises)."""
+        self._call, self._sigma = -1, None
+        self._h: np.ndarray | None = None
+        self._res: dict[str, np.ndarray] = {}
+        self._sigma_c: float | None = None
+
+    def __call__(self, x: np.ndarray, sigma: Any, **cond: Any) -> np.ndarray:
+        s = float(np.asarray(sigma, dtype=np.float32).reshape(-1)[0])
+        if starts_new_run(self._sigma, s):
+            self.reset()
+            self._call = 0
+            self.stats["runs"] += 1
+        elif s != self._sigma:
+            self._call += 1
+        self._sigma = s
+        return super().__call__(x, sigma, **cond)
+
+    def network(self, x_in: np.ndarray, timestep: np.ndarray, **inputs: Any) -> np.ndarray:
+        """One call: call ``k``'s partial graph at a planned call with state of the same batch, else the full graph."""
+        k, s, b = self._call, self._sigma, x_in.shape[0]
+        self.stats["calls"] += 1
+        if k in self.plan and self._h is not None and self._h.shape[0] == b:
+            h_c, r_c, sig, sig_c = self.cache_inputs
+            state = {h_c: self._h, r_c: self._res[self.residuals[k]], sig: np.full(b, s, np.float32),
+                     sig_c: np.full(b, self._sigma_c, np.float32)}
+            self.stats["skipped"] += 1
+            return self.partials[k].network(x_in, timestep, **inputs, **state)
+        feeds = self._check({self.sample_input: x_in, self.timestep_input: timestep, **inputs})
+        try:
+            out, self._h, *res = self.session.run([self.output, *self.features], feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+            raise RuntimeError(f"{self.name}: onnxruntime failed on inputs "
+                               f"{ {k: v.shape for k, v in feeds.items()} }: {str(e)[:500]}") from e
+        self._res = dict(zip(self.features[1:], res))
         self._sigma_c = s
         self.stats["computed"] += 1
         return out

@@ -14,15 +14,15 @@ model's own trajectories, applied through the same cache API as the rule-based c
 """
 
 from .cache import LearnedCache
-from .plan import LearnedPlanCache, load_plan, plan_pairs, save_plan
+from .plan import PLAN_FORMAT, LearnedPlanCache, load_plan, plan_pairs, save_plan
 from .predictor import ResidualPredictor, sigma_features
-from .store import LearnedCacheMismatchError, load_predictor, model_identity, read_header, save_predictor
+from .store import LearnedCacheMismatchError, file_format, load_predictor, model_identity, read_header, save_predictor
 from .train import EpochSeededSampler, PairsDataset, collect_pairs, dit_sigma_of_call, predictor_loss
 from .trajectories import Trajectories, record_range
 
 __all__ = [
-    "EpochSeededSampler", "LearnedCache", "LearnedCacheMismatchError", "LearnedPlanCache", "PairsDataset",
-    "ResidualPredictor", "Trajectories", "collect_pairs", "dit_sigma_of_call", "load_plan", "load_predictor",
-    "model_identity", "plan_pairs", "predictor_loss", "read_header", "record_range", "save_plan", "save_predictor",
-    "sigma_features",
+    "PLAN_FORMAT", "EpochSeededSampler", "LearnedCache", "LearnedCacheMismatchError", "LearnedPlanCache",
+    "PairsDataset", "ResidualPredictor", "Trajectories", "collect_pairs", "dit_sigma_of_call", "file_format",
+    "load_plan", "load_predictor", "model_identity", "plan_pairs", "predictor_loss", "read_header", "record_range",
+    "save_plan", "save_predictor", "sigma_features",
 ]

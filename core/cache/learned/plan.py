@@ -102,6 +102,11 @@ class LearnedPlanCache(BlockCache):
         return (f"LearnedPlanCache(plan={self.plan}, head_blocks={self.head_blocks}, "
                 f"learned calls={sorted(self.predictors)})")
 
+    def fresh(self) -> LearnedPlanCache:
+        """A new cache on the same plan and (shared, read-only) predictors with no state or statistics: one per
+        sampling run in a host that keeps the loaded plan (the ComfyUI node)."""
+        return LearnedPlanCache(self.plan, self.predictors, head_blocks=self.head_blocks, identity=self.identity)
+
     def block_evals(self, num_blocks: int, calls: int) -> int:
         """Block evaluations of one run of ``calls`` calls under this plan (uncached: ``num_blocks * calls``)."""
         return num_blocks * calls - sum(n for k, n in self.plan.items() if k < calls)
@@ -288,14 +293,15 @@ def save_plan(path: str | Path, cache: LearnedPlanCache, identity: dict[str, str
     return write_with_header(path, tensors, header)
 
 
-def load_plan(path: str | Path, model: nn.Module | None = None,
-              identity: dict[str, str] | None = None) -> LearnedPlanCache:
+def load_plan(path: str | Path, model: nn.Module | None = None, identity: dict[str, str] | None = None,
+              keys: tuple[str, ...] = ("config_hash", "weights_hash")) -> LearnedPlanCache:
     """A ``LearnedPlanCache`` from ``save_plan``'s file; with ``model`` (or its ``identity``) given, refuses one
-    trained for another model (``LearnedCacheMismatchError`` naming both fingerprints)."""
+    trained for another model (``LearnedCacheMismatchError`` naming both fingerprints) -- comparing the hashes
+    ``keys`` (a host that cannot compute core's config hash, ComfyUI, compares ``("weights_hash",)``)."""
     header = read_header(path, PLAN_FORMAT, "learned-cache plan")
     if model is not None or identity is not None:
         check_identity(header["identity"], identity if identity is not None else model_identity(model),
-                       what="plan")
+                       what="plan", keys=keys)
     tensors, _ = read_safetensors(path)
     preds = {}
     for k, cfg in header["predictors"].items():

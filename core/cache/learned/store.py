@@ -69,6 +69,12 @@ def write_with_header(path: str | Path, tensors: dict[str, torch.Tensor], header
     return save_safetensors(tensors, path, meta=header, sidecar=False)
 
 
+def file_format(path: str | Path) -> str | None:
+    """The ``format`` of a learned-cache file's header (a predictor's ``FORMAT``, a plan's ``plan.PLAN_FORMAT``), or
+    None where the file has no fewstep header; a missing or torn file raises ``core.io``'s errors, which name it."""
+    return json.loads(read_safetensors_metadata(Path(path)).get("fewstep", "{}")).get("format")
+
+
 def read_header(path: str | Path, fmt: str = FORMAT, what: str = "learned-cache predictor") -> dict[str, Any]:
     """The ``"fewstep"`` header of a file written by ``write_with_header``; ``ValueError`` unless its format is
     ``fmt``; a missing or torn file raises ``core.io``'s errors, which name it."""
