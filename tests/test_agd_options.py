@@ -158,3 +158,22 @@ def test_agd_step_weights_each_sample_by_its_guidance_delta(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in weighted.adapter.parameters())
     with pytest.raises(ValueError, match="delta_weighting must be one of"):
         tiny.build("agd", tmp_path, delta_weighting="nope")
+
+
+def test_train_student_agd_uses_the_shipped_recipe(tmp_path):
+    """``fewstep train-student agd`` (smoke): the exported adapter carries the shipped recipe's loss weightings, and
+    the per-method defaults are the shipped adapter's data and batches (issue 13: a user reproduces it)."""
+    import json
+
+    from fewstep.callbacks import train_students as ts
+
+    assert ts.TRAJECTORIES["agd"] == 2048 and ts.AGD_BATCHES == 900 and ts.AGD_DELTA_WEIGHTING == "inverse_delta"
+    args = ts.add_arguments(__import__("argparse").ArgumentParser()).parse_args(["agd"])
+    assert args.trajectories is None and args.max_batches is None  # resolved per method in train_student
+    s = ts.train_student("agd", out=tmp_path, smoke=True, max_batches=2, threads=1, progress=False)
+    (path,) = s["stages"][0]["files"]
+    meta = json.loads((tmp_path / "agd" / "export" / "digits_agd_adapter.json").read_text())
+    assert path.endswith("digits_agd_adapter.safetensors") and s["stages"][0]["batches"] == 2
+    dist = meta["distillation"]
+    assert (dist["scale_weighting"], dist["delta_weighting"]) == ("inverse_square", "inverse_delta")
+    assert meta["rank"] == ts.AGD_RANK
