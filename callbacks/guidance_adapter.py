@@ -22,7 +22,13 @@ from ..core.conditioning import cond_index, cond_to
 from ..core.distill import randint_per_sample
 from ..core.guidance.adapters import DEFAULT_TARGETS, AdaptedDenoiser, GuidanceAdapter
 from ..core.guidance.scaled import guided_denoise
-from ..core.losses.guidance import SCALE_WEIGHTINGS, guidance_distillation_loss, guidance_scale_weights
+from ..core.losses.guidance import (
+    DELTA_WEIGHTINGS,
+    SCALE_WEIGHTINGS,
+    guidance_delta_weights,
+    guidance_distillation_loss,
+    guidance_scale_weights,
+)
 from .base import DistillationModule
 from .reflow import resolve_trajectories
 
@@ -37,6 +43,11 @@ class GuidanceAdapterDistillation(DistillationModule):
         scale_weighting, scale_weight_floor: per-sample loss weights over the scale
             (``core.losses.guidance.guidance_scale_weights``): ``"none"`` (plain MSE, large ``w`` dominates) or
             ``"inverse_square"`` (``1 / max(w - 1, floor)^2``: the relative error, equal across scales).
+        delta_weighting, delta_weight_floor: per-sample loss weights over the size of the guidance direction at
+            that state (``core.losses.guidance.guidance_delta_weights``): ``"none"`` or ``"inverse_delta"``
+            (``1 / max(mean((cond - uncond)^2), floor)`` in native units: low-noise steps, where the two passes
+            differ little, count as much as high-noise ones; with ``"inverse_square"`` the loss is the squared
+            relative error of the guidance term).
     """
 
     method = "agd"
@@ -44,12 +55,17 @@ class GuidanceAdapterDistillation(DistillationModule):
     def __init__(self, teacher: nn.Module, sample_shape: Sequence[int], trajectories: Any, rank: int = 4,
                  targets: Sequence[str] = DEFAULT_TARGETS, embed_dim: int = 64, hidden: int = 64,
                  zero_at_unit_scale: bool = True, eval_guidance: float | None = None, scale_weighting: str = "none",
-                 scale_weight_floor: float = 0.1, **kwargs: Any):
+                 scale_weight_floor: float = 0.1, delta_weighting: str = "none", delta_weight_floor: float = 1e-4,
+                 **kwargs: Any):
         kwargs.pop("student", None)
         if scale_weighting not in SCALE_WEIGHTINGS:
             raise ValueError(f"scale_weighting must be one of {SCALE_WEIGHTINGS}, got {scale_weighting!r}")
         if not scale_weight_floor > 0:
             raise ValueError(f"scale_weight_floor must be > 0, got {scale_weight_floor}")
+        if delta_weighting not in DELTA_WEIGHTINGS:
+            raise ValueError(f"delta_weighting must be one of {DELTA_WEIGHTINGS}, got {delta_weighting!r}")
+        if not delta_weight_floor > 0:
+            raise ValueError(f"delta_weight_floor must be > 0, got {delta_weight_floor}")
         super().__init__(teacher, sample_shape, student=None, **kwargs)
         tensors, manifest = resolve_trajectories(trajectories, self.teacher, self.sample_shape)
         if "states" not in tensors:
@@ -67,6 +83,7 @@ class GuidanceAdapterDistillation(DistillationModule):
         self.student_kind = "guidance_adapter"
         self.eval_guidance = float(eval_guidance if eval_guidance is not None else sum(self.scale_range) / 2)
         self.scale_weighting, self.scale_weight_floor = scale_weighting, float(scale_weight_floor)
+        self.delta_weighting, self.delta_weight_floor = delta_weighting, float(delta_weight_floor)
         self.save_hyperparameters(ignore=["teacher", "student", "trajectories", "cond_pool"], logger=False)
 
     @property
@@ -89,8 +106,11 @@ class GuidanceAdapterDistillation(DistillationModule):
         native = ms.output_from_denoised
         weights = None if self.scale_weighting == "none" else \
             guidance_scale_weights(w, self.scale_weighting, self.scale_weight_floor).to(dev)
-        loss = guidance_distillation_loss(native(sigma, pred_x0, x), native(sigma, cond_x0, x),
-                                          native(sigma, uncond_x0, x), w, weights)
+        cond_n, uncond_n = native(sigma, cond_x0, x), native(sigma, uncond_x0, x)
+        if self.delta_weighting != "none":
+            dw = guidance_delta_weights(cond_n, uncond_n, self.delta_weighting, self.delta_weight_floor)
+            weights = dw if weights is None else weights * dw
+        loss = guidance_distillation_loss(native(sigma, pred_x0, x), cond_n, uncond_n, w, weights)
         return loss, {"agd": loss.detach()}
 
     @override
@@ -110,7 +130,8 @@ class GuidanceAdapterDistillation(DistillationModule):
 
     def export_metadata(self) -> dict[str, Any]:
         return {**super().export_metadata(), "eval_guidance": self.eval_guidance,
-                "scale_range": list(self.scale_range), "scale_weighting": self.scale_weighting}
+                "scale_range": list(self.scale_range), "scale_weighting": self.scale_weighting,
+                "delta_weighting": self.delta_weighting}
 
     @torch.no_grad()
     def export(self, path: str | Path, **_: Any) -> list[Path]:

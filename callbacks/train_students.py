@@ -10,9 +10,12 @@
 - ``reflow`` -> ``digits_reflow_1step.safetensors``: 4096 teacher ODE pairs at the teacher's CFG 1.25 (DPM-Solver++(2M),
   8 steps: the same FD as 16, generated once, outside the budget), reflow with U-shaped time (a third of the budget),
   then InstaFlow's one-step stage with the pseudo-Huber velocity loss (Lee et al. 2024).
-- ``agd`` -> ``digits_agd_adapter.safetensors``: 4096 8-step CFG trajectories with w in [1, 4] (generated once, outside
-  the budget), a rank-8 guidance adapter on the attention/MLP projections and the adaLN modulation (10.6% of the
-  teacher) with the loss weighted by ``1 / (w - 1)^2``.
+- ``agd`` -> ``digits_agd_adapter.safetensors``: the shipped adapter's recipe: 2048 8-step CFG trajectories with w in
+  [1, 4] (generated once, outside the budget; ``--trajectories``), a rank-8 guidance adapter on the attention/MLP
+  projections and the adaLN modulation (10.6% of the teacher), the loss of each state weighted by
+  ``1 / (max(w - 1, 0.1)^2 mean((cond - uncond)^2))`` (the squared relative error of the guidance term), lr 1e-3,
+  batches of 32, 900 batches (``--max-batches``; give ``--budget 2400`` or more on one CPU thread so that the time
+  budget does not stop it first).
 
 Each stage runs a stock ``lightning.Trainer`` with ``max_time`` = its share of the budget, checkpoints every
 ``--checkpoint-every`` batches into ``--out`` and resumes from its last checkpoint when run again; the EMA student is
@@ -55,6 +58,14 @@ AGD_STEPS = 8  # the adapter is trained at the step count it is sampled with (th
 # little guidance at low sigma; same batches: about 25% lower loss)
 AGD_TARGETS = (*DEFAULT_TARGETS, "norm1.linear", "proj_out_1")
 AGD_RANK = 8  # issue 13: rank 8 beat rank 4 on the same batches (loss and FD); 10.6% of the teacher
+# the shipped adapter's budget: 900 batches of 32 on the first 2048 trajectories (every sample's noise, class and scale
+# come from its global index, so these are the first 2048 of any larger set with the same seed)
+AGD_TRAJECTORIES = 2048
+AGD_BATCHES = 900
+# issue 13: each state's loss divided by the size of its guidance direction, mean((cond - uncond)^2) (the native
+# outputs differ least at sigma 0.7-0.1, where the 1/(w-1)^2-only adapter guided least: w_eff 1.19 for w = 1.25)
+AGD_DELTA_WEIGHTING = "inverse_delta"
+TRAJECTORIES = {"reflow": 4096, "agd": AGD_TRAJECTORIES}  # the default of ``--trajectories`` per method
 SHIPPED = {
     "dmd2": ["digits_dmd2_1step.safetensors"],
     "consistency": ["digits_consistency_4step.safetensors", "digits_consistency_2step.safetensors"],
@@ -232,7 +243,7 @@ def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int,
 def train_student(method: str, out: str | Path = "fewstep-students", export_dir: str | Path | None = None,
                   budget: float = 900.0, max_batches: int | None = None, batch_size: int = 32,
                   threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
-                  eval_every: int | None = 500, trajectories: int = 4096, smoke: bool = False,
+                  eval_every: int | None = 500, trajectories: int | None = None, smoke: bool = False,
                   progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False,
                   overwrite: bool = False, distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
@@ -243,9 +254,11 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         out: working folder (checkpoints, logs, grids, trajectories).
         export_dir: where the students are exported (default: ``<out>/<method>/export``; never the package).
         budget: CPU seconds for the whole method (trajectory generation + all stages).
-        max_batches: cap on batches per stage (smoke runs); the time budget still applies.
+        max_batches: cap on batches per stage; the time budget still applies (default: none, except ``agd``:
+            ``AGD_BATCHES``, the shipped adapter's 900).
         batch_size, threads, seed: training batch, torch threads, seed.
-        trajectories: number of teacher trajectories for reflow / AGD.
+        trajectories: number of teacher trajectories for reflow / AGD (default: ``TRAJECTORIES``, 4096 for reflow,
+            2048 for AGD: the shipped students' data).
         smoke: a few batches, small trajectories, no checkpoints / evaluation, exports into ``out``.
         onnx: also export every student to ONNX (EMA weights, next to its safetensors; ``fewstep run-onnx``).
         overwrite: replace existing students in an explicit ``export_dir`` (else ``FileExistsError`` up front).
@@ -253,6 +266,8 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
             devices, nodes, precision, accelerator); default one CPU process. Under FSDP2 the sample grids, quality
             evaluation and ONNX export are skipped (they run on rank 0 alone); checkpoints are sharded folders.
     """
+    if trajectories is None:
+        trajectories = TRAJECTORIES.get(method, 4096)
     _check_arguments(method, budget, max_batches, batch_size, checkpoint_every, eval_every, trajectories)
     out = Path(out) / method
     export_dir = _export_dir(method, out, export_dir, overwrite, onnx)
@@ -355,15 +370,18 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         stages.append(_fit(m1, out / "stage2_onestep", left(), export_path=export_dir / SHIPPED["reflow"][0], **fit))
     else:
         # issue 13: trajectories at the 8 steps the adapter is used at, made once outside the training budget (their
-        # time is added back), the loss weighted by 1 / (w - 1)^2 so large scales do not dominate, the adapter also on
-        # the adaLN modulation (AGD_TARGETS)
+        # time is added back), the loss weighted by 1 / (w - 1)^2 so large scales do not dominate and by
+        # 1 / mean((cond - uncond)^2) so low-noise steps count as much, the adapter also on the adaLN modulation
+        # (AGD_TARGETS); 900 batches unless --max-batches says otherwise
         t_traj = time.perf_counter()
         traj = _trajectories(teacher, out, "trajectories_cfg1-4_8steps", trajectories, AGD_RANGE, AGD_STEPS,
                              progress)
         budget += time.perf_counter() - t_traj
         m = GuidanceAdapterDistillation(teacher, SHAPE, traj, rank=AGD_RANK, targets=AGD_TARGETS, embed_dim=32,
                                         hidden=32, eval_guidance=CFG, lr=1e-3, scale_weighting="inverse_square",
-                                        scale_weight_floor=0.1, **common)
+                                        scale_weight_floor=0.1, delta_weighting=AGD_DELTA_WEIGHTING, **common)
+        if not smoke and max_batches is None:
+            fit["max_batches"] = AGD_BATCHES
         stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0], **fit))
     summary = {"method": method, "budget_seconds": budget, "seconds": round(time.perf_counter() - t_start, 1),
                "threads": torch.get_num_threads(), "smoke": smoke, "stages": stages}
@@ -385,12 +403,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="where students are written (default: <out>/<method>/export; never the package)")
     p.add_argument("--overwrite", action="store_true", help="replace existing students in --export-dir")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-batches", type=positive_int, default=None, help="cap on batches per stage")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="cap on batches per stage (default: none; agd 900, as the shipped adapter)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--checkpoint-every", type=positive_int, default=100, help="batches between checkpoints")
     p.add_argument("--eval-every", type=positive_int, default=500, help="batches between quality evaluations")
-    p.add_argument("--trajectories", type=positive_int, default=4096, help="teacher trajectories (reflow, agd)")
+    p.add_argument("--trajectories", type=positive_int, default=None,
+                   help="teacher trajectories (default: reflow 4096, agd 2048, as the shipped students)")
     p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
     p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
     p.add_argument("--no-progress", action="store_true")
