@@ -81,7 +81,11 @@ def export_student(student, teacher, meta: dict, path: Path, batches: int, confi
     from fewstep.callbacks.student_files import write_student_files
 
     meta = copy.deepcopy(meta)
-    meta["counters"] = {**(meta.get("counters") or {}), "last_segment_batches": int(batches)}
+    counters = meta.get("counters") or {}
+    if "last_segment_stage" in meta:  # a stage run from a student that had one: keep the earlier stages' record
+        earlier = {**meta.pop("last_segment_stage"), "batches": counters.get("last_segment_batches")}
+        meta["earlier_last_segment_stages"] = [*meta.get("earlier_last_segment_stages", []), earlier]
+    meta["counters"] = {**counters, "last_segment_batches": int(batches)}
     meta["last_segment_stage"] = config
     return write_student_files(student.model, teacher.model, path, meta)
 
