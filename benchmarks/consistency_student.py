@@ -21,6 +21,11 @@ student there, and bootstrapping through single DDIM steps inherits that error. 
    (FD, accuracy, precision, recall, within-class diversity) into ``<work>/curve.json``; snapshots and a checkpoint
    (student, Adam state, batch counter, all atomic) in ``<work>``; a run started again resumes.
 
+The pairs are ``core.consistency_pairs`` and the loss ``core.losses.consistency.last_segment_loss``: the same stage
+that ``fewstep train-student consistency`` runs (``callbacks.consistency_last_segment``); this script adds the
+training curve, ``--pairs-from`` (reuse another run's pairs; ``--keep-targets init``: keep at this run's initial
+student instead) and ``--export-only --average FIRST LAST`` (a snapshot average).
+
 Nothing is written outside ``--work`` except by ``--export-only PATH`` (a named file) and ``--curve-to DIR``.
 """
 

@@ -388,7 +388,8 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         m4 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=4, num_grid=48,
                                      skip=1, lr=5e-5, **common)
         p4 = export_dir / SHIPPED["consistency"][0]
-        stages.append(_fit(m4, out / "stage1_4seg", left() / 2, export_path=p4, **fit))
+        # (ONNX twins are exported after the last-segment stages, which replace these students)
+        stages.append(_fit(m4, out / "stage1_4seg", left() / 2, export_path=p4, **{**fit, "onnx": False}))
         t_pairs = time.perf_counter()
         m4_last = _last_segment_module(teacher, p4, out / "stage1b_4seg_last", last_pairs, smoke, common)
         budget += time.perf_counter() - t_pairs
@@ -398,7 +399,7 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         m2 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=2, num_grid=48,
                                      skip=1, lr=2e-5, student=student4.requires_grad_(True), **common)
         p2 = export_dir / SHIPPED["consistency"][1]
-        stages.append(_fit(m2, out / "stage2_2seg", left() / 2, export_path=p2, **fit))
+        stages.append(_fit(m2, out / "stage2_2seg", left() / 2, export_path=p2, **{**fit, "onnx": False}))
         t_pairs = time.perf_counter()
         m2_last = _last_segment_module(teacher, p2, out / "stage2b_2seg_last", last_pairs, smoke, common)
         budget += time.perf_counter() - t_pairs
