@@ -106,8 +106,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
          checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
          onnx: bool = False, distributed: dict[str, Any] | None = None, ema: bool = True) -> dict[str, Any]:
     """Fit one stage with EMA (unless ``ema=False``), guard, grids, quality eval, checkpoints and export (``onnx``:
-    also the EMA student as ``<export stem>.onnx``, after the checkpoints; an export failure is logged, training
-    results are kept).
+    also the exported (EMA, else live) student as ``<export stem>.onnx``, after the checkpoints; an export failure is
+    logged, training results are kept).
     Returns a summary."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -138,7 +138,7 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     if onnx and export_path is not None and not sharded:
         from .onnx_export import OnnxExport
 
-        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema", on_error="warn")
+        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema" if ema else "last", on_error="warn")
         callbacks.append(onnx_export)
     ckpt = ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
                            save_top_k=0) if not smoke else None
