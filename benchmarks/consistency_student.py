@@ -21,6 +21,11 @@ student there, and bootstrapping through single DDIM steps inherits that error. 
    (FD, accuracy, precision, recall, within-class diversity) into ``<work>/curve.json``; snapshots and a checkpoint
    (student, Adam state, batch counter, all atomic) in ``<work>``; a run started again resumes.
 
+The pairs are ``core.consistency_pairs`` and the loss ``core.losses.consistency.last_segment_loss``: the same stage
+that ``fewstep train-student consistency`` runs (``callbacks.consistency_last_segment``); this script adds the
+training curve, ``--pairs-from`` (reuse another run's pairs; ``--keep-targets init``: keep at this run's initial
+student instead) and ``--export-only --average FIRST LAST`` (a snapshot average).
+
 Nothing is written outside ``--work`` except by ``--export-only PATH`` (a named file) and ``--curve-to DIR``.
 """
 
@@ -34,76 +39,20 @@ from pathlib import Path
 
 import torch
 
-SHARD = 256
-PAIR_SEED = 10_000
-
-
-def grid_index(grid: torch.Tensor, sigma: float) -> int:
-    """The grid level of a student boundary sigma (they are grid levels by construction)."""
-    i = int(torch.argmin((grid - float(sigma)).abs()))
-    if abs(float(grid[i]) - float(sigma)) > 1e-3 * max(1.0, float(sigma)):
-        raise ValueError(f"sigma {sigma} is not a level of the 48-level consistency grid")
-    return i
+from ..core.consistency_pairs import PAIR_SEED, SHARD, grid_index, load_pairs, make_pairs, make_shard  # noqa: F401
+from ..core.losses.consistency import last_segment_loss as stage_loss  # noqa: F401
 
 
 @torch.no_grad()
-def make_shard(student, teacher, sigmas: torch.Tensor, grid: torch.Tensor, shard: int, cfg: float, skip: int
-               ) -> dict[str, torch.Tensor]:
-    """One shard of ``SHARD`` chains: inputs ``x`` (S, B, ...) at the student's sigmas, the student's x0 predictions
-    ``pred`` (S, B, ...), and ``target``: the teacher's DPM-Solver++(2M) CFG solution from ``x[S-1]`` to 0."""
-    from fewstep.core.guidance.cfg import CFGDenoiser
-    from fewstep.core.losses.common import ddim_transfer
-    from fewstep.core.sampling.samplers import get_sampler
-
-    ms = student.model_sampling
-    g = torch.Generator().manual_seed(PAIR_SEED + shard)
-    labels = torch.randint(0, 10, (SHARD,), generator=g)
-    noise = torch.randn((SHARD, 1, 16, 16), generator=g)
-    x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-    xs, preds = [], []
-    for k in range(len(sigmas) - 1):
-        x0 = student(x, sigmas[k].expand(SHARD), class_labels=labels)
-        xs.append(x.clone())
-        preds.append(x0.clone())
-        x = ddim_transfer(ms, x, x0, sigmas[k].expand(SHARD), sigmas[k + 1].expand(SHARD))
-    top = grid_index(grid, float(sigmas[-2]))
-    levels = list(range(top, 0, -skip)) + [0]
-    teacher_cfg = CFGDenoiser(teacher, cfg, cond_key="class_labels", null=10)
-    target = get_sampler("dpmpp_2m")(teacher_cfg, xs[-1].clone(), grid[levels],
-                                     extra_args={"class_labels": labels, "seed": PAIR_SEED + shard}, disable=True)
-    return {"x": torch.stack(xs), "pred": torch.stack(preds), "target": target, "labels": labels}
-
-
-def load_pairs(folder: Path, shards: int) -> dict[str, torch.Tensor]:
-    parts = [torch.load(folder / f"shard_{i:04d}.pt", weights_only=True) for i in range(shards)]
-    return {"x": torch.cat([p["x"] for p in parts], 1), "pred": torch.cat([p["pred"] for p in parts], 1),
-            "target": torch.cat([p["target"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts])}
-
-
-def stage_loss(student, pairs: dict[str, torch.Tensor], sigmas: torch.Tensor, idx: torch.Tensor,
-               keep_idx: torch.Tensor, keep_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Last segment: consistency loss against the teacher's solution at the segment end 0; earlier segments
-    (``keep_weight > 0``): against the initial student's prediction (``consistency_loss`` with ``x_s = x_t``)."""
-    from fewstep.core.losses.consistency import consistency_loss
-
-    ms = student.model_sampling
-    S = len(sigmas) - 1
-    x, y = pairs["x"][S - 1, idx], pairs["labels"][idx]
-    sig = sigmas[S - 1].expand(len(idx))
-    zero = torch.zeros(len(idx))
-    last = consistency_loss(ms, x, sig, student(x, sig, class_labels=y), pairs["target"][idx], zero,
-                            pairs["target"][idx], zero)
-    logs = {"last": float(last.detach())}
-    loss = last
-    if keep_weight > 0 and S > 1:
-        for k in range(S - 1):
-            xk, yk = pairs["x"][k, keep_idx], pairs["labels"][keep_idx]
-            sk, se = sigmas[k].expand(len(keep_idx)), sigmas[k + 1].expand(len(keep_idx))
-            keep = consistency_loss(ms, xk, sk, student(xk, sk, class_labels=yk), xk, sk, pairs["pred"][k, keep_idx],
-                                    se)
-            logs[f"keep{k}"] = float(keep.detach())
-            loss = loss + keep_weight * keep
-    return loss, logs
+def init_predictions(student, pairs: dict[str, torch.Tensor], sigmas: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """``student``'s x0 predictions at every stored chain input (the keep targets of a run that reuses another run's
+    pairs but holds the earlier steps where its own initial student has them)."""
+    out = torch.empty_like(pairs["pred"])
+    for k in range(pairs["x"].shape[0]):
+        for i in range(0, pairs["x"].shape[1], batch):
+            x, y = pairs["x"][k, i:i + batch], pairs["labels"][i:i + batch]
+            out[k, i:i + batch] = student(x, sigmas[k].expand(len(x)), class_labels=y)
+    return out
 
 
 @torch.no_grad()
@@ -121,11 +70,27 @@ def evaluate(student, sigmas: torch.Tensor, per_class: int = 36, seed: int = 0) 
     return m
 
 
+def average_snapshots(folder: Path, first: int, last: int) -> dict:
+    """Uniform average of the snapshots ``first..last`` (batch counts, inclusive) of a run: stochastic weight
+    averaging (Izmailov et al. 2018, eq. 2: w_swa = mean of the iterates) over the stage's evaluation snapshots."""
+    files = sorted(f for f in folder.glob("b*.pt") if first <= int(f.stem[1:]) <= last)
+    if not files:
+        raise SystemExit(f"no snapshots between batches {first} and {last} in {folder}")
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    avg = {k: sum(s["student"][k].double() for s in states).div(len(states)).to(v.dtype)
+           if v.is_floating_point() else v for k, v in states[-1]["student"].items()}
+    return {"student": avg, "batches": states[-1]["batches"], "averaged": [int(s["batches"]) for s in states]}
+
+
 def export_student(student, teacher, meta: dict, path: Path, batches: int, config: dict) -> list[Path]:
     from fewstep.callbacks.student_files import write_student_files
 
     meta = copy.deepcopy(meta)
-    meta["counters"] = {**(meta.get("counters") or {}), "last_segment_batches": int(batches)}
+    counters = meta.get("counters") or {}
+    if "last_segment_stage" in meta:  # a stage run from a student that had one: keep the earlier stages' record
+        earlier = {**meta.pop("last_segment_stage"), "batches": counters.get("last_segment_batches")}
+        meta["earlier_last_segment_stages"] = [*meta.get("earlier_last_segment_stages", []), earlier]
+    meta["counters"] = {**counters, "last_segment_batches": int(batches)}
     meta["last_segment_stage"] = config
     return write_student_files(student.model, teacher.model, path, meta)
 
@@ -135,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="run folder (pairs, checkpoint, curve, snapshots)")
     p.add_argument("--init", default=None, help="the student to start from (default: the shipped 4-step student)")
     p.add_argument("--pairs", type=int, default=3072, help="teacher-solved chains (multiple of 256)")
+    p.add_argument("--pairs-from", metavar="DIR", default=None,
+                   help="reuse the pairs folder of an earlier run (its chains and keep targets come from that run's "
+                        "--init student; recorded in config.json)")
     p.add_argument("--teacher-skip", type=int, default=1, help="grid levels per teacher DPM-Solver++(2M) step")
     p.add_argument("--cfg", type=float, default=None, help="teacher CFG (default: the student's own)")
+    p.add_argument("--keep-targets", choices=("pairs", "init"), default="pairs",
+                   help="keep-term targets: the predictions stored with the pairs (those of the student that made "
+                        "them) or this run's --init student's predictions at the stored inputs (with --pairs-from)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--keep-weight", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -149,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-only", metavar="PATH", default=None,
                    help="write the student of a snapshot (--snapshot, default the checkpoint) to PATH and exit")
     p.add_argument("--snapshot", type=int, default=None, help="with --export-only: the batch count of a snapshot")
+    p.add_argument("--average", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
+                   help="with --export-only: the uniform weight average of the snapshots FIRST..LAST batches")
     p.add_argument("--curve-to", metavar="DIR", default=None, help="with --export-only: also publish the curve there")
     p.add_argument("--curve-name", default="consistency_training_curve")
     args = p.parse_args(argv)
@@ -163,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k in ("init", "pairs", "teacher_skip", "cfg", "lr",
-                                                              "keep_weight", "batch_size", "keep_batch", "seed")}
+                                                              "keep_weight", "batch_size", "keep_batch", "seed",
+                                                              "pairs_from", "keep_targets")}
     config["init"] = str(args.init or WEIGHTS_DIR / "digits_consistency_4step.safetensors")
     cfg_path = work / "config.json"
     if cfg_path.exists():
@@ -173,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         config = stored
     else:
         write_json(cfg_path, config)
+    config.setdefault("pairs_from", None)
+    config.setdefault("keep_targets", "pairs")
     if config["pairs"] % SHARD:
         raise SystemExit(f"--pairs must be a multiple of {SHARD}, got {config['pairs']}")
     teacher = load_teacher()
@@ -182,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     grid = consistency_grid(student.model_sampling)
     ckpt_path = work / "checkpoint.pt"
     if args.export_only:
-        src = work / "snapshots" / f"b{args.snapshot:05d}.pt" if args.snapshot is not None else ckpt_path
-        state = torch.load(src, map_location="cpu", weights_only=True)
+        if args.average is not None:
+            state = average_snapshots(work / "snapshots", *args.average)
+            config = {**config, "averaged_snapshots": state["averaged"]}
+        else:
+            src = work / "snapshots" / f"b{args.snapshot:05d}.pt" if args.snapshot is not None else ckpt_path
+            state = torch.load(src, map_location="cpu", weights_only=True)
         student.model.load_state_dict(state["student"])
         files = export_student(student, teacher, meta, Path(args.export_only), state["batches"], config)
         print(f"exported the student after {state['batches']} batches: {', '.join(map(str, files))}")
@@ -193,16 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    (work / "pairs").mkdir(exist_ok=True)
+    pairs_dir = Path(config["pairs_from"]) if config["pairs_from"] else work / "pairs"
+    pairs_dir.mkdir(exist_ok=True)
     init_student = copy.deepcopy(student).eval()
-    for i in range(config["pairs"] // SHARD):
-        f = work / "pairs" / f"shard_{i:04d}.pt"
-        if not f.exists():
-            t0 = time.perf_counter()
-            save_torch(make_shard(init_student, teacher, sigmas, grid, i, cfg, config["teacher_skip"]), f,
-                       keep_previous=False)
-            print(f"pairs shard {i}: {time.perf_counter() - t0:.0f} s", flush=True)
-    pairs = load_pairs(work / "pairs", config["pairs"] // SHARD)
+    if config["pairs_from"]:
+        for i in range(config["pairs"] // SHARD):
+            if not (pairs_dir / f"shard_{i:04d}.pt").exists():
+                raise SystemExit(f"--pairs-from {pairs_dir}: shard_{i:04d}.pt is missing; it holds fewer than "
+                                 f"{config['pairs']} pairs")
+    make_pairs(pairs_dir, init_student, teacher, sigmas, grid, config["pairs"], cfg, config["teacher_skip"],
+               log=lambda m: print(m, flush=True))
+    pairs = load_pairs(pairs_dir, config["pairs"] // SHARD)
+    if config["keep_targets"] == "init":
+        pairs["pred"] = init_predictions(init_student, pairs, sigmas)
     del init_student
 
     opt = torch.optim.Adam(student.model.parameters(), lr=config["lr"], betas=(0.9, 0.999))

@@ -5,8 +5,11 @@
 - ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2 (``dmd2_recipe``), one step at sigma_max starting from the
   shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits.
 - ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
-  segments starting from it (Hyper-SD's progressive segments), at the teacher's CFG 1.25. The shipped students then had
-  a last-segment stage on the teacher's second-order ODE solution (``benchmarks/consistency_student.py``).
+  segments starting from it (Hyper-SD's progressive segments), at the teacher's CFG 1.25; each is followed by its
+  last-segment stage (``ConsistencyLastSegment``, issue 13): pairs made once from the student's own sampling chain
+  (``LAST_SEGMENT``: 3072 / 2048 teacher DPM-Solver++(2M) solutions of 12 steps from the last boundary, generated
+  outside the budget), then the last step trained on them with a keep term on the earlier steps (800 / 300 batches at
+  lr 2e-5, no EMA), as ``benchmarks/consistency_student.py`` made the shipped students.
 - ``reflow`` -> ``digits_reflow_1step.safetensors``: 4096 teacher ODE pairs at the teacher's CFG 1.25 (DPM-Solver++(2M),
   8 steps: the same FD as 16, generated once, outside the budget), reflow with U-shaped time (a third of the budget),
   then InstaFlow's one-step stage with the pseudo-Huber velocity loss (Lee et al. 2024).
@@ -57,6 +60,10 @@ AGD_STEPS = 8  # the adapter is trained at the step count it is sampled with (th
 # update can then depend on the noise level and the class (the rank-4 adapter on the projections alone gave too
 # little guidance at low sigma; same batches: about 25% lower loss)
 AGD_TARGETS = (*DEFAULT_TARGETS, "norm1.linear", "proj_out_1")
+# issue 13: the consistency students' last-segment stage (``callbacks.consistency_last_segment``) as the shipped
+# students had it (benchmarks/consistency_student.py): teacher pairs, grid levels per teacher step, batches, keep term
+LAST_SEGMENT = {4: {"pairs": 3072, "skip": 1, "batches": 800, "keep_weight": 1.0, "keep_batch": 8, "lr": 2e-5},
+                2: {"pairs": 2048, "skip": 2, "batches": 300, "keep_weight": 1.0, "keep_batch": 8, "lr": 2e-5}}
 AGD_RANK = 8  # issue 13: rank 8 beat rank 4 on the same batches (loss and FD); 10.6% of the teacher
 # the shipped adapter's budget: 900 batches of 32 on the first 2048 trajectories (every sample's noise, class and scale
 # come from its global index, so these are the first 2048 of any larger set with the same seed)
@@ -108,9 +115,10 @@ def _quiet() -> None:
 
 def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
          checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
-         onnx: bool = False, distributed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit one stage with EMA, guard, grids, quality eval, checkpoints and export (``onnx``: also the EMA student
-    as ``<export stem>.onnx``, after the checkpoints; an export failure is logged, training results are kept).
+         onnx: bool = False, distributed: dict[str, Any] | None = None, ema: bool = True) -> dict[str, Any]:
+    """Fit one stage with EMA (unless ``ema=False``), guard, grids, quality eval, checkpoints and export (``onnx``:
+    also the exported (EMA, else live) student as ``<export stem>.onnx``, after the checkpoints; an export failure is
+    logged, training results are kept).
     Returns a summary."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -128,8 +136,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
-    ema = StudentEMA(0.99 if smoke else 0.999)
-    callbacks = [ema, DivergenceGuard(), timer]
+    callbacks = [StudentEMA(0.99 if smoke else 0.999)] if ema else []
+    callbacks += [DivergenceGuard(), timer]
     sharded = distributed is not None and is_sharded_run(distributed)
     if not smoke and not sharded:  # (grids and quality run on rank 0 alone: not with sharded networks)
         callbacks += [SampleGrid(stage_dir / "grids", every_n_steps=eval_every or 250, per_class=8),
@@ -141,7 +149,7 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     if onnx and export_path is not None and not sharded:
         from .onnx_export import OnnxExport
 
-        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema", on_error="warn")
+        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema" if ema else "last", on_error="warn")
         callbacks.append(onnx_export)
     ckpt = ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
                            save_top_k=0) if not smoke else None
@@ -240,12 +248,54 @@ def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int,
                                  seed=1234, progress=progress)
 
 
+def _cap(max_batches: int | None, recipe: int) -> int:
+    return recipe if max_batches is None else min(int(max_batches), recipe)
+
+
+def _last_segment_module(teacher, student_path: Path, stage_dir: Path, num_pairs: int | None, smoke: bool,
+                         common: dict[str, Any]):
+    """The last-segment stage of the consistency student at ``student_path``: its pairs (``LAST_SEGMENT``, or
+    ``num_pairs``) made once into ``<stage_dir>/pairs`` from a copy of the student kept as ``<stage_dir>/init``
+    (a resumed run fine-tunes and pairs the same student even if the stage before it trained on), and the module."""
+    import shutil
+
+    from ..core.consistency_pairs import load_pairs, make_pairs
+    from ..core.losses.consistency import consistency_grid
+    from ..core.models.students import load_student
+    from .consistency_last_segment import ConsistencyLastSegment
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    init = stage_dir / "init.safetensors"
+    if not init.exists():
+        from ..core.io import atomic_path
+
+        for src, dst in ((student_path, init), (student_path.with_suffix(".json"), init.with_suffix(".json"))):
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+    student, meta = load_student(init)
+    sigmas = torch.as_tensor(meta["sigmas"], dtype=torch.float32)
+    recipe = LAST_SEGMENT[len(sigmas) - 1]
+    n = num_pairs or recipe["pairs"]
+    n = min(n, 16) if smoke else n
+    size = min(n, 256)
+    cfg = float(meta.get("guidance_scale") or CFG)
+    files = make_pairs(stage_dir / "pairs", student.eval(), teacher, sigmas, consistency_grid(student.model_sampling),
+                       n, cfg, recipe["skip"], size=size, log=None)
+    pairs = load_pairs(stage_dir / "pairs", len(files))
+    stage = {"teacher_steps": "dpmpp_2m", "teacher_skip": recipe["skip"], "teacher_cfg": cfg,
+             "init_counters": meta.get("counters")}
+    return ConsistencyLastSegment(teacher, SHAPE, student, pairs, sigmas, keep_weight=recipe["keep_weight"],
+                                  keep_batch=recipe["keep_batch"], guidance_scale=cfg, stage=stage, lr=recipe["lr"],
+                                  **common)
+
+
 def train_student(method: str, out: str | Path = "fewstep-students", export_dir: str | Path | None = None,
                   budget: float = 900.0, max_batches: int | None = None, batch_size: int = 32,
                   threads: int | None = None, seed: int = 0, checkpoint_every: int = 100,
                   eval_every: int | None = 500, trajectories: int | None = None, smoke: bool = False,
                   progress: bool = True, teacher_path: str | Path | None = None, onnx: bool = False,
-                  overwrite: bool = False, distributed: dict[str, Any] | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, distributed: dict[str, Any] | None = None,
+                  pairs: int | None = None) -> dict[str, Any]:
     """Train (or resume) one shipped student of the embedded teacher; returns a summary dict (also written to
     ``<out>/<method>/summary.json``).
 
@@ -265,10 +315,15 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         distributed: ``lightning.Trainer`` options from ``callbacks.distributed.trainer_options`` (strategy,
             devices, nodes, precision, accelerator); default one CPU process. Under FSDP2 the sample grids, quality
             evaluation and ONNX export are skipped (they run on rank 0 alone); checkpoints are sharded folders.
+        pairs: teacher pairs of each consistency last-segment stage (default ``LAST_SEGMENT``: 3072 / 2048).
     """
     if trajectories is None:
         trajectories = TRAJECTORIES.get(method, 4096)
     _check_arguments(method, budget, max_batches, batch_size, checkpoint_every, eval_every, trajectories)
+    if pairs is not None:
+        from ..core.checks import check_positive_int
+
+        check_positive_int("pairs", pairs)
     out = Path(out) / method
     export_dir = _export_dir(method, out, export_dir, overwrite, onnx)
     from ..core.io import output_lock
@@ -276,7 +331,7 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
     with output_lock(out, "train-student"):
         return _train_student(method, out, export_dir, budget, max_batches, batch_size, threads, seed,
                               checkpoint_every, eval_every, trajectories, smoke, progress, teacher_path, onnx,
-                              distributed)
+                              distributed, pairs)
 
 
 def _check_arguments(method: str, budget: float, max_batches: int | None, batch_size: int, checkpoint_every: int,
@@ -316,7 +371,7 @@ def _export_dir(method: str, out: Path, export_dir: str | Path | None, overwrite
 def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_batches: int | None,
                    batch_size: int, threads: int | None, seed: int, checkpoint_every: int, eval_every: int | None,
                    trajectories: int, smoke: bool, progress: bool, teacher_path: str | Path | None,
-                   onnx: bool, distributed: dict[str, Any] | None) -> dict[str, Any]:
+                   onnx: bool, distributed: dict[str, Any] | None, last_pairs: int | None = None) -> dict[str, Any]:
     _quiet()
     if threads:
         torch.set_num_threads(int(threads))
@@ -348,12 +403,23 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         m4 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=4, num_grid=48,
                                      skip=1, lr=5e-5, **common)
         p4 = export_dir / SHIPPED["consistency"][0]
-        stages.append(_fit(m4, out / "stage1_4seg", left() * 2 / 3, export_path=p4, **fit))
+        # (ONNX twins are exported after the last-segment stages, which replace these students)
+        stages.append(_fit(m4, out / "stage1_4seg", left() / 2, export_path=p4, **{**fit, "onnx": False}))
+        t_pairs = time.perf_counter()
+        m4_last = _last_segment_module(teacher, p4, out / "stage1b_4seg_last", last_pairs, smoke, common)
+        budget += time.perf_counter() - t_pairs
+        stages.append(_fit(m4_last, out / "stage1b_4seg_last", left() / 3, export_path=p4, ema=False,
+                           **{**fit, "max_batches": _cap(max_batches, LAST_SEGMENT[4]["batches"])}))
         student4, _ = load_student(p4)
         m2 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=2, num_grid=48,
                                      skip=1, lr=2e-5, student=student4.requires_grad_(True), **common)
-        stages.append(_fit(m2, out / "stage2_2seg", left(), export_path=export_dir / SHIPPED["consistency"][1],
-                           **fit))
+        p2 = export_dir / SHIPPED["consistency"][1]
+        stages.append(_fit(m2, out / "stage2_2seg", left() / 2, export_path=p2, **{**fit, "onnx": False}))
+        t_pairs = time.perf_counter()
+        m2_last = _last_segment_module(teacher, p2, out / "stage2b_2seg_last", last_pairs, smoke, common)
+        budget += time.perf_counter() - t_pairs
+        stages.append(_fit(m2_last, out / "stage2b_2seg_last", left(), export_path=p2, ema=False,
+                           **{**fit, "max_batches": _cap(max_batches, LAST_SEGMENT[2]["batches"])}))
     elif method == "reflow":
         # issue 13: pairs at the benchmark's CFG 1.25 and 8 solver steps (teacher FD 0.342 vs 0.345 at 16 steps,
         # demo_students.json), made once outside the training budget (their time is added back); the one-step stage,
@@ -411,6 +477,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive_int, default=500, help="batches between quality evaluations")
     p.add_argument("--trajectories", type=positive_int, default=None,
                    help="teacher trajectories (default: reflow 4096, agd 2048, as the shipped students)")
+    p.add_argument("--pairs", type=positive_int, default=None,
+                   help="teacher pairs of each consistency last-segment stage (default 3072 for 4 steps, 2048 for 2)")
     p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
     p.add_argument("--smoke", action="store_true", help="a few batches only, exports into --out")
     p.add_argument("--no-progress", action="store_true")
@@ -448,7 +516,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                       trajectories=args.trajectories, smoke=args.smoke, progress=not args.no_progress,
                       teacher_path=args.teacher, onnx=args.onnx, overwrite=args.overwrite,
-                      distributed=distributed_from_args(args))
+                      distributed=distributed_from_args(args), pairs=args.pairs)
     for st in s["stages"]:
         q = st.get("quality") or {}
         extra = f", FD {q['fd']:.2f}, accuracy {q['accuracy']:.3f}" if q else ""

@@ -31,13 +31,12 @@ def test_student_sigmas_are_grid_levels_and_others_are_refused():
         raise AssertionError("a sigma off the grid was accepted")
 
 
-def test_shard_is_the_students_own_chain_and_the_teachers_ode(monkeypatch):
+def test_shard_is_the_students_own_chain_and_the_teachers_ode():
     from fewstep.core.guidance.cfg import CFGDenoiser
     from fewstep.core.sampling.samplers import get_sampler
 
     cs, teacher, student, sigmas, grid = _setup()
-    monkeypatch.setattr(cs, "SHARD", 4)
-    shard = cs.make_shard(student, teacher, sigmas, grid, 3, 1.25, 3)
+    shard = cs.make_shard(student, teacher, sigmas, grid, 3, 1.25, 3, size=4)
     assert shard["x"].shape == (4, 4, 1, 16, 16) and shard["target"].shape == (4, 1, 16, 16)
     g = torch.Generator().manual_seed(cs.PAIR_SEED + 3)
     labels = torch.randint(0, 10, (4,), generator=g)
@@ -58,12 +57,11 @@ def test_shard_is_the_students_own_chain_and_the_teachers_ode(monkeypatch):
     assert not torch.allclose(shard["target"], x0_last, atol=1e-2)  # the teacher's solution differs from the student's
 
 
-def test_stage_loss_is_pseudo_huber_at_the_segment_end(monkeypatch):
+def test_stage_loss_is_pseudo_huber_at_the_segment_end():
     from fewstep.core.losses.consistency import pseudo_huber
 
     cs, teacher, student, sigmas, grid = _setup()
-    monkeypatch.setattr(cs, "SHARD", 4)
-    pairs = cs.make_shard(student, teacher, sigmas, grid, 0, 1.25, 6)
+    pairs = cs.make_shard(student, teacher, sigmas, grid, 0, 1.25, 6, size=4)
     idx, keep = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2])
     with torch.no_grad():
         loss, logs = cs.stage_loss(student, pairs, sigmas, idx, keep, keep_weight=0.0)

@@ -100,3 +100,34 @@ def consistency_loss(model_sampling, x_t: Tensor, sigma_t: Tensor, student_x0: T
     pred = ms.calculate_input(sig_e, pred)
     target = ms.calculate_input(sig_e, target)
     return weighted_mean(consistency_distance(pred, target, distance, c), weights)
+
+
+def last_segment_loss(student, pairs: dict[str, Tensor], sigmas: Tensor, idx: Tensor, keep_idx: Tensor,
+                      keep_weight: float, cond_key: str = "class_labels") -> tuple[Tensor, dict[str, float]]:
+    """The consistency students' last-segment stage (issue 13) on pairs of ``core.consistency_pairs``.
+
+    Last segment (``sigma_{S-1} -> 0``): ``consistency_loss`` with the teacher's ODE solution as the target at the
+    segment end 0 (``x_s = target``, ``sigma_s = 0``: the multi-step teacher target of Heek et al. 2024, Alg. 1 with a
+    converged solver; at ``e = 0`` the student's ``F`` is its x0 prediction), samples ``idx``. Earlier segments
+    (``keep_weight > 0``): ``consistency_loss`` against the initial student's own prediction at the same input
+    (``x_s = x_t``, ``sigma_s = sigma_t``), samples ``keep_idx``, weighted by ``keep_weight`` — one network serves
+    every sigma, so the first steps must not drift while the last one moves. Returns the loss and its terms.
+    """
+    ms = student.model_sampling
+    S = len(sigmas) - 1
+    x, y = pairs["x"][S - 1, idx], pairs["labels"][idx]
+    sig = sigmas[S - 1].expand(len(idx))
+    zero = torch.zeros(len(idx), device=x.device)
+    target = pairs["target"][idx]
+    last = consistency_loss(ms, x, sig, student(x, sig, **{cond_key: y}), target, zero, target, zero)
+    logs = {"last": float(last.detach())}
+    loss = last
+    if keep_weight > 0 and S > 1:
+        for k in range(S - 1):
+            xk, yk = pairs["x"][k, keep_idx], pairs["labels"][keep_idx]
+            sk, se = sigmas[k].expand(len(keep_idx)), sigmas[k + 1].expand(len(keep_idx))
+            keep = consistency_loss(ms, xk, sk, student(xk, sk, **{cond_key: yk}), xk, sk, pairs["pred"][k, keep_idx],
+                                    se)
+            logs[f"keep{k}"] = float(keep.detach())
+            loss = loss + keep_weight * keep
+    return loss, logs
