@@ -20,6 +20,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
+def elapsed_train_seconds(ckpt: Path) -> float:
+    """Training seconds already spent by the run that wrote ``ckpt`` (0 without one). Lightning's ``Timer`` restores
+    them on resume and counts ``max_time`` from the run's start, so a resumed invocation adds them to its budget."""
+    if not Path(ckpt).exists():
+        return 0.0
+    from ..core.io import load_torch
+
+    state = load_torch(ckpt, "DMD2 checkpoint")
+    return float(state.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0))
+
+
 def plot_curve(curve: dict, path: Path, title: str = "DMD2 1-step student") -> None:
     import matplotlib
 
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gan", action="store_true")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="override recipe keys, e.g. lr=1e-5 gan_weight=0.1 gan_t_range=[0,0.5]")
-    p.add_argument("--budget", type=float, default=3600.0, help="seconds of this invocation (resume continues)")
+    p.add_argument("--budget", type=float, default=3600.0, help="training seconds of this invocation (a resumed run gets them on top of the time already spent)")
     p.add_argument("--max-generator-updates", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=250, help="batches between curve points (5 batches = 1 "
                    "generator update at critic ratio 5)")
@@ -229,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = ModelCheckpoint(dirpath=work / "checkpoints", every_n_train_steps=args.checkpoint_every, save_last=True,
                            save_top_k=0)
     grid = SampleGrid(work / "grids", every_n_steps=args.eval_every, per_class=10)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=-1, max_time=timedelta(seconds=args.budget),
+    spent = elapsed_train_seconds(last)  # --budget is this invocation's: Lightning's timer resumes at ``spent``
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=-1,
+                        max_time=timedelta(seconds=spent + args.budget),
                         callbacks=[*extra[:1], DivergenceGuard(), monitor, *extra[1:], grid, snaps, ckpt],
                         logger=CSVLogger(work, name="logs"),
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
