@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gan", action="store_true")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="override recipe keys, e.g. lr=1e-5 gan_weight=0.1 gan_t_range=[0,0.5]")
-    p.add_argument("--budget", type=float, default=3600.0, help="training seconds of this invocation (a resumed run gets them on top of the time already spent)")
+    p.add_argument("--budget", type=float, default=3600.0,
+                   help="training seconds of this invocation (a resumed run gets them on top of the time spent)")
     p.add_argument("--max-generator-updates", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=250, help="batches between curve points (5 batches = 1 "
                    "generator update at critic ratio 5)")
