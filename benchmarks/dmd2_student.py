@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe["generator_timesteps"] = list(args.timesteps)
     for item in args.set:
         key, _, val = item.partition("=")
-        if key not in recipe and key not in ("gan_t_range", "head", "head_lr", "regression_weight", "phased"):
+        if key not in recipe and key not in ("gan_t_range", "head", "head_lr", "regression_weight", "phased",
+                                                          "critic_warmup", "regression_pairs"):
             raise SystemExit(f"--set {key}: not a recipe key ({', '.join(recipe)})")
         v = json.loads(val)
         recipe[key] = tuple(v) if isinstance(v, list) else v
