@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, val = item.partition("=")
         if key not in recipe and key not in ("gan_t_range", "head", "head_lr", "regression_weight", "regression_pairs",
-                                                "phased"):
+                                             "phased", "critic_warmup"):
             raise SystemExit(f"--set {key}: not a recipe key ({', '.join(recipe)})")
         v = json.loads(val)
         recipe[key] = tuple(v) if isinstance(v, list) else v

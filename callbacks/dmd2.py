@@ -49,10 +49,12 @@ from .base import DistillationModule, frozen
 from .sharding import reshard
 
 
-def dmd2_optimizer_steps(batches: int, critic_ratio: int) -> int:
+def dmd2_optimizer_steps(batches: int, critic_ratio: int, critic_warmup: int = 0) -> int:
     """``trainer.global_step`` after ``batches`` DMD2 batches: one critic step per batch plus one generator step
-    every ``critic_ratio`` batches (Lightning counts every optimizer step under manual optimization)."""
-    return batches + (batches + critic_ratio - 1) // critic_ratio
+    every ``critic_ratio`` batches after the ``critic_warmup`` critic-only ones (Lightning counts every optimizer
+    step under manual optimization)."""
+    gen = max(0, batches - critic_warmup)
+    return batches + (gen + critic_ratio - 1) // critic_ratio
 
 
 class DMD2Distillation(DistillationModule):
@@ -93,6 +95,11 @@ class DMD2Distillation(DistillationModule):
             score matching within the subinterval (``core.losses.dmd.subinterval_denoising_target``). Early steps
             are then only asked for the coarse, noisy distribution they hand on, which keeps diversity. The phases
             are trained together (backward simulation picks one per sample), with one network.
+        critic_warmup: batches of critic-only updates before the first generator update (0 = none). The fake
+            score starts as a copy of the teacher, so until it has learnt the generator's distribution the
+            distribution-matching direction ``fake - real`` is the teacher's CFG difference, not a measure of
+            the generator; this lets it learn first. The generator is then updated on batches
+            ``critic_warmup, critic_warmup + critic_ratio, ...`` (counted by ``batches_seen``).
     """
 
     method = "dmd2"
@@ -107,7 +114,7 @@ class DMD2Distillation(DistillationModule):
                  critic_t_range: tuple[float, float] | None = (0.0, 1.0), gan_t_range: tuple[float, float] = (0.0, 1.0),
                  head: str = "spatial", regression_weight: float = 0.0, regression_pairs: Any = None,
                  warmup_steps: int = 0, ca_weight: float = 1.0, dm_weight: float = 1.0, phased: bool = False,
-                 **kwargs: Any):
+                 critic_warmup: int = 0, **kwargs: Any):
         critic = copy.deepcopy(teacher)  # before a LoRA student changes the teacher network
         super().__init__(teacher, sample_shape, **kwargs)
         self.automatic_optimization = False
@@ -116,6 +123,9 @@ class DMD2Distillation(DistillationModule):
         if int(critic_ratio) < 1:
             raise ValueError(f"critic_ratio must be >= 1, got {critic_ratio}")
         self.critic_ratio = int(critic_ratio)
+        if int(critic_warmup) < 0:
+            raise ValueError(f"critic_warmup must be >= 0 batches, got {critic_warmup}; use 0 for none")
+        self.critic_warmup = int(critic_warmup)
         self.critic_lr = float(critic_lr if critic_lr is not None else self.lr)
         self.head_lr = float(head_lr if head_lr is not None else self.critic_lr)
         self.t_range = _check_range(t_range, "t_range")
@@ -388,13 +398,18 @@ class DMD2Distillation(DistillationModule):
         if self.warmup_steps:
             self.lr_schedulers()[index].step()
 
+    def is_generator_batch(self, batch: int) -> bool:
+        """Whether batch number ``batch`` (0-based ``batches_seen``) updates the generator: every
+        ``critic_ratio``-th batch after the ``critic_warmup`` critic-only batches."""
+        return batch >= self.critic_warmup and (batch - self.critic_warmup) % self.critic_ratio == 0
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         self.disable_ddp_reducer()
         opt_g, opt_c = self.optimizers()
         ids = self.sample_ids()
         logs: dict[str, Tensor] = {}
         x0 = None
-        if self.batches_seen % self.critic_ratio == 0:
+        if self.is_generator_batch(self.batches_seen):
             loss_g, x0, lg = self.generator_loss(ids)
             self._optimizer_step(0, opt_g, loss_g, self.student_trainable())
             self.generator_updates += 1

@@ -157,8 +157,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
         callbacks.append(ckpt)
     max_steps = -1
     if max_batches is not None:
-        max_steps = dmd2_optimizer_steps(max_batches, module.critic_ratio) if module.method == "dmd2" \
-            else max_batches
+        max_steps = max_batches if module.method != "dmd2" \
+            else dmd2_optimizer_steps(max_batches, module.critic_ratio, module.critic_warmup)
     dist = distributed or {"accelerator": "cpu", "devices": 1}
     trainer = L.Trainer(**dist, max_steps=max_steps, max_time=timedelta(seconds=budget_s),
                         callbacks=callbacks, logger=CSVLogger(stage_dir, name="logs") if not smoke else False,

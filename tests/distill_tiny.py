@@ -111,7 +111,8 @@ def build(method: str, work: Path, **over):
 def max_steps(module, batches: int) -> int:
     from fewstep.callbacks import dmd2_optimizer_steps
 
-    return dmd2_optimizer_steps(batches, module.critic_ratio) if module.method == "dmd2" else batches
+    return dmd2_optimizer_steps(batches, module.critic_ratio, getattr(module, "critic_warmup", 0)) \
+        if module.method == "dmd2" else batches
 
 
 def trainer(module, batches: int, callbacks=(), **kw):

@@ -136,6 +136,30 @@ def test_warmup_ramps_both_learning_rates_linearly(tmp_path):
     assert m.generator_updates == 2 and m.critic_updates == 4
 
 
+def test_critic_warmup_leaves_the_generator_untouched_then_keeps_the_ratio():
+    """``critic_warmup`` batches update the critic only; afterwards one generator update every ``critic_ratio``
+    batches, counted from the end of the warm-up."""
+    from fewstep.callbacks import dmd2_optimizer_steps
+
+    m = _module(gan_weight=0.0, gan_critic_weight=0.0, lr=1e-3, critic_lr=1e-3, critic_warmup=3, critic_ratio=2)
+    assert [b for b in range(9) if m.is_generator_batch(b)] == [3, 5, 7]
+    assert dmd2_optimizer_steps(7, 2, 3) == 7 + 2 and dmd2_optimizer_steps(2, 2, 3) == 2
+    assert dmd2_optimizer_steps(7, 2) == 7 + 4  # no warm-up: batches 0, 2, 4, 6
+    student0 = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
+    critic0 = {k: v.detach().clone() for k, v in m.critic.state_dict().items()}
+    tr = tiny.trainer(m, 3)
+    tr.fit(m)
+    assert m.generator_updates == 0 and m.critic_updates == 3 and m.batches_seen == 3
+    assert all(torch.equal(v, student0[k]) for k, v in m.student.state_dict().items())
+    assert any(not torch.equal(v, critic0[k]) for k, v in m.critic.state_dict().items())
+    tr = tiny.trainer(m, 1, max_steps=2)  # one more batch: the first generator update and a critic update
+    tr.fit(m)
+    assert m.generator_updates == 1 and m.critic_updates == 4
+    assert any(not torch.equal(v, student0[k]) for k, v in m.student.state_dict().items())
+    with pytest.raises(ValueError, match="critic_warmup"):
+        _module(critic_warmup=-1)
+
+
 def test_dmd2_recipe_builds_a_module():
     from fewstep.callbacks import DMD2Distillation
     from fewstep.callbacks.train_students import dmd2_recipe
