@@ -151,6 +151,42 @@ def _cache_inputs_metadata() -> list[dict[str, Any]]:
     return [{"name": n, "role": "cache", "dtype": "float32"} for n in CACHE_INPUTS]
 
 
+def unwrap_student(denoiser: nn.Module, batch: int) -> tuple[Any, nn.Module, Any, nn.ModuleList]:
+    """``(denoiser, network, model_sampling, blocks)`` of a ``Denoiser`` the learned-cache exports take: no folded
+    guidance (a student with CFG distilled in), a network ``check_model`` accepts, one list of blocks."""
+    den, cfg, adapted = unwrap_denoiser(denoiser)
+    if cfg is not None or adapted is not None:
+        raise TypeError("the learned-cache ONNX export takes a Denoiser without folded guidance (a student with CFG "
+                        "distilled in); CFG folded into the graph is not supported with the learned cache yet")
+    module, ms = den.model, den.model_sampling
+    check_model(module, ms, batch)
+    return den, module, ms, block_list(module)
+
+
+def verified_error(errs: list[float], notes: list[str], what: str) -> float | None:
+    """The largest onnxruntime-vs-torch relative error of an export's graphs (``None`` and a note when onnxruntime
+    is not installed); raises when it is not finite or above 1e-4."""
+    err = max(errs) if errs else None
+    if err is None:
+        notes.append("not verified on onnxruntime (not installed)")
+    elif not np.isfinite(err) or err > 1e-4:
+        raise RuntimeError(f"{what}: onnxruntime differs from torch by {err:.2e} (relative)")
+    return err
+
+
+def export_metadata(den: Any, module: nn.Module, ms: Any, ex: Any, sampler_meta: Any, notes: list[str],
+                    name: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The graph inputs' metadata and the fields every graph of a learned-cache export shares (fp32, dynamic batch,
+    static resolution, no folded guidance)."""
+    cond_dims = condition_dims(None)
+    inputs_meta = describe.inputs_metadata(ex.names, ex.args, None, None)
+    conds_meta = describe.conditions_metadata(inputs_meta, ex.args, cond_dims, True, class_info(module, None), None)
+    common = dict(name=name or den.name, output=OUTPUT, sample_shape=ex.shape, model_sampling=ms.config(),
+                  dynamic={"batch": True, "resolution": False, "multiple": resolution_multiple(module)},
+                  sampler=sampler_meta, conditions=conds_meta, guidance=None, fp16=False, notes=notes)
+    return inputs_meta, common
+
+
 def export_learned_cache(
     denoiser: nn.Module,
     cache: LearnedCache,
@@ -192,13 +228,7 @@ def export_learned_cache(
     path = check_new_file(path, overwrite)
     skip_file = check_new_file(partial_path(path), overwrite)
     check_opset(opset)
-    den, cfg, adapted = unwrap_denoiser(denoiser)
-    if cfg is not None or adapted is not None:
-        raise TypeError("the learned-cache ONNX export takes a Denoiser without folded guidance (a student with CFG "
-                        "distilled in); CFG folded into the graph is not supported with the learned cache yet")
-    module, ms = den.model, den.model_sampling
-    check_model(module, ms, batch)
-    blocks = block_list(module)
+    den, module, ms, blocks = unwrap_student(denoiser, batch)
     a, b, _ = cache.block_range(len(blocks), float("inf"))
     notes: list[str] = ["static resolution: the learned cache's predictor is sized to the token grid"]
     ex = example_inputs(module, ms, sample_shape, cond, batch)
@@ -229,17 +259,9 @@ def export_learned_cache(
         o = ort_run(proto_part, pfeeds, OUTPUT)
         if o is not None:
             errs.append(rel_err(o, ref_part))
-        err = max(errs) if errs else None
-        if err is None:
-            notes.append("not verified on onnxruntime (not installed)")
-        elif not np.isfinite(err) or err > 1e-4:
-            raise RuntimeError(f"learned-cache export: onnxruntime differs from torch by {err:.2e} (relative)")
+        err = verified_error(errs, notes, "learned-cache export")
 
-    inputs_meta = describe.inputs_metadata(ex.names, ex.args, None, None)
-    conds_meta = describe.conditions_metadata(inputs_meta, ex.args, cond_dims, True, class_info(module, None), None)
-    common = dict(name=name or den.name, output=OUTPUT, sample_shape=ex.shape, model_sampling=ms.config(),
-                  dynamic={"batch": True, "resolution": False, "multiple": resolution_multiple(module)},
-                  sampler=sampler_meta, conditions=conds_meta, guidance=None, fp16=False, notes=notes)
+    inputs_meta, common = export_metadata(den, module, ms, ex, sampler_meta, notes, name)
     plan = {"skip_steps": sorted(cache.skip_steps), "block_range": [a, b], "num_blocks": len(blocks),
             "partial": skip_file.name, "feature_outputs": list(FEATURE_OUTPUTS), "cache_inputs": list(CACHE_INPUTS),
             "predictor": cache.predictor.config(), "identity": cache.identity}

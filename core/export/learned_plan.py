@@ -29,10 +29,18 @@ from torch import Tensor, nn
 
 from ..cache.learned import LearnedPlanCache, ResidualPredictor
 from . import describe
-from .examples import class_info, example_inputs, resolution_multiple
-from .exporter import ExportResult, check_model, save_model
-from .graphs import NetworkGraph, unwrap_denoiser
-from .learned_cache import CACHE_INPUTS, PartialGraph, _cache_inputs_metadata, _swapped, block_list
+from .examples import example_inputs
+from .exporter import ExportResult, save_model
+from .graphs import NetworkGraph
+from .learned_cache import (
+    CACHE_INPUTS,
+    PartialGraph,
+    _cache_inputs_metadata,
+    _swapped,
+    export_metadata,
+    unwrap_student,
+    verified_error,
+)
 from .trace import OUTPUT, condition_dims, dynamic_shapes, eval_mode, torch_export
 from .verify import ort_run, rel_err
 
@@ -143,13 +151,7 @@ def export_learned_plan(
     path = check_new_file(path, overwrite)
     skip_files = {k: check_new_file(plan_partial_path(path, k), overwrite) for k in cache.plan}
     check_opset(opset)
-    den, cfg, adapted = unwrap_denoiser(denoiser)
-    if cfg is not None or adapted is not None:
-        raise TypeError("the learned-cache ONNX export takes a Denoiser without folded guidance (a student with CFG "
-                        "distilled in); CFG folded into the graph is not supported with the learned cache yet")
-    module, ms = den.model, den.model_sampling
-    check_model(module, ms, batch)
-    blocks = block_list(module)
+    den, module, ms, blocks = unwrap_student(denoiser, batch)
     head = cache.block_range(len(blocks), float("inf"))[0]  # validates the plan against the block count
     ends = {k: head + n for k, n in cache.plan.items()}
     notes: list[str] = ["static resolution: the learned cache's predictors are sized to the token grid"]
@@ -187,17 +189,9 @@ def export_learned_plan(
             o = ort_run(proto, {n: t.cpu().numpy() for n, t in zip(part_names, args)}, OUTPUT)
             if o is not None:
                 errs.append(rel_err(o, ref))
-        err = max(errs) if errs else None
-        if err is None:
-            notes.append("not verified on onnxruntime (not installed)")
-        elif not np.isfinite(err) or err > 1e-4:
-            raise RuntimeError(f"learned-cache plan export: onnxruntime differs from torch by {err:.2e} (relative)")
+        err = verified_error(errs, notes, "learned-cache plan export")
 
-    inputs_meta = describe.inputs_metadata(ex.names, ex.args, None, None)
-    conds_meta = describe.conditions_metadata(inputs_meta, ex.args, cond_dims, True, class_info(module, None), None)
-    common = dict(name=name or den.name, output=OUTPUT, sample_shape=ex.shape, model_sampling=ms.config(),
-                  dynamic={"batch": True, "resolution": False, "multiple": resolution_multiple(module)},
-                  sampler=sampler_meta, conditions=conds_meta, guidance=None, fp16=False, notes=notes)
+    inputs_meta, common = export_metadata(den, module, ms, ex, sampler_meta, notes, name)
     plan_meta = {"plan": {str(k): n for k, n in cache.plan.items()}, "head_blocks": head, "num_blocks": len(blocks),
                  "range_input": RANGE_INPUT, "residual_outputs": {str(k): residual_output(b) for k, b in ends.items()},
                  "partials": {str(k): f.name for k, f in skip_files.items()}, "cache_inputs": list(CACHE_INPUTS),
