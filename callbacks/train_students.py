@@ -3,7 +3,9 @@
     python -m fewstep.callbacks.train_students <dmd2|consistency|reflow|agd> [--budget SECONDS] [--smoke]
 
 - ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2 (``dmd2_recipe``), one step at sigma_max starting from the
-  shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits.
+  shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits: the
+  critic first fitted alone for 150 batches (``DMD2_CRITIC_WARMUP``), then 50 generator updates (400 batches in all;
+  ``--max-batches`` lowers it) with an EMA of decay 0.99, which is exported -- the shipped student's stage.
 - ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
   segments starting from it (Hyper-SD's progressive segments), at the teacher's CFG 1.25; each is followed by its
   last-segment stage (``ConsistencyLastSegment``, issue 13): pairs made once from the student's own sampling chain
@@ -72,6 +74,11 @@ AGD_BATCHES = 900
 # issue 13: each state's loss divided by the size of its guidance direction, mean((cond - uncond)^2) (the native
 # outputs differ least at sigma 0.7-0.1, where the 1/(w-1)^2-only adapter guided least: w_eff 1.19 for w = 1.25)
 AGD_DELTA_WEIGHTING = "inverse_delta"
+# issue 13: the shipped one-step DMD2 student's stage: the critic fitted to the frozen reflow student first, then 50
+# generator updates averaged by an EMA of decay 0.99 (past them the live generator diverged: an early stop)
+DMD2_CRITIC_WARMUP = 150
+DMD2_GENERATOR_UPDATES = 50
+DMD2_EMA = 0.99
 TRAJECTORIES = {"reflow": 4096, "agd": AGD_TRAJECTORIES}  # the default of ``--trajectories`` per method
 SHIPPED = {
     "dmd2": ["digits_dmd2_1step.safetensors"],
@@ -115,10 +122,11 @@ def _quiet() -> None:
 
 def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
          checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
-         onnx: bool = False, distributed: dict[str, Any] | None = None, ema: bool = True) -> dict[str, Any]:
-    """Fit one stage with EMA (unless ``ema=False``), guard, grids, quality eval, checkpoints and export (``onnx``:
-    also the exported (EMA, else live) student as ``<export stem>.onnx``, after the checkpoints; an export failure is
-    logged, training results are kept).
+         onnx: bool = False, distributed: dict[str, Any] | None = None,
+         ema: bool | float = True) -> dict[str, Any]:
+    """Fit one stage with EMA (unless ``ema=False``; a float: its decay, else 0.999), guard, grids, quality eval,
+    checkpoints and export (``onnx``: also the exported (EMA, else live) student as ``<export stem>.onnx``, after the
+    checkpoints; an export failure is logged, training results are kept).
     Returns a summary."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -136,7 +144,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
-    callbacks = [StudentEMA(0.99 if smoke else 0.999)] if ema else []
+    decay = 0.99 if smoke else (0.999 if isinstance(ema, bool) else float(ema))
+    callbacks = [StudentEMA(decay)] if ema else []
     callbacks += [DivergenceGuard(), timer]
     sharded = distributed is not None and is_sharded_run(distributed)
     if not smoke and not sharded:  # (grids and quality run on rank 0 alone: not with sharded networks)
@@ -214,7 +223,8 @@ def dmd2_recipe(init: str = "reflow", generator_timestep: int | None = None, gan
     The shipped one-step student (issue 13, since the reflow student was retrained) starts from the reflow student
     (as the generator at ``t = 999``: curve FD 0.381, recall 0.884 on the curve's noise batch; seeds 0-3 of
     ``benchmarks/students_seeds.py``: FD 0.390 / 0.454 / 0.413 / 0.395): about 150 critic steps on the frozen
-    generator first (``--set critic_ratio=100000``), then 50 generator updates of this recipe with discriminator
+    generator first (there ``--set critic_ratio=100000``, then ``--from-ckpt``; here ``critic_warmup``,
+    ``DMD2_CRITIC_WARMUP``), then 50 generator updates of this recipe with discriminator
     weight 1e-2 on the critic trunk (DMD2's guidance_cls_loss_weight; the head stays near chance, accuracy 0.5-0.8),
     EMA 0.99: FD 0.381 / 0.419 / 0.391 / 0.386, recall 0.86 / 0.86 / 0.81 / 0.83, accuracy >= 0.989 (the teacher's
     50-step FD is 0.373 at seed 0), better than its init on all four seeds by 0.01-0.035, precision up (0.77-0.80
@@ -241,6 +251,8 @@ def dmd2_recipe(init: str = "reflow", generator_timestep: int | None = None, gan
     }
     if gan:
         kw.update(gan_weight=0.15, gan_critic_weight=0.01, gan_t_range=(0.0, 0.1), head="spatial", head_lr=2e-4)
+    if init == "reflow":  # the critic pre-fit of the shipped student (measured from the reflow student only)
+        kw["critic_warmup"] = DMD2_CRITIC_WARMUP
     return kw
 
 
@@ -321,7 +333,8 @@ def train_student(method: str, out: str | Path = "fewstep-students", export_dir:
         export_dir: where the students are exported (default: ``<out>/<method>/export``; never the package).
         budget: CPU seconds for the whole method (trajectory generation + all stages).
         max_batches: cap on batches per stage; the time budget still applies (default: none, except ``agd``:
-            ``AGD_BATCHES``, the shipped adapter's 900).
+            ``AGD_BATCHES``, the shipped adapter's 900, and ``dmd2``: 400, the shipped student's 150 critic-only
+            batches + 50 generator updates; the consistency last-segment stages keep their ``LAST_SEGMENT`` cap).
         batch_size, threads, seed: training batch, torch threads, seed.
         trajectories: number of teacher trajectories for reflow / AGD (default: ``TRAJECTORIES``, 4096 for reflow,
             2048 for AGD: the shipped students' data).
@@ -412,9 +425,15 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
            "max_batches": max_batches, "onnx": onnx, "distributed": distributed}
     x, y = load_digits_tensors("train")
     if method == "dmd2":
+        recipe = dmd2_recipe("reflow")
+        if smoke:
+            recipe["critic_warmup"] = 2
+        # the shipped student's stage: critic warm-up, then DMD2_GENERATOR_UPDATES generator updates, EMA 0.99
+        cap = recipe["critic_warmup"] + recipe["critic_ratio"] * DMD2_GENERATOR_UPDATES
         module = DMD2Distillation(teacher, SHAPE, student=dmd2_initial_student("reflow"), real_data=x, real_labels=y,
-                                  **dmd2_recipe("reflow"), **common)
-        stages.append(_fit(module, out / "stage1", left(), export_path=export_dir / SHIPPED["dmd2"][0], **fit))
+                                  **recipe, **common)
+        stages.append(_fit(module, out / "stage1", left(), export_path=export_dir / SHIPPED["dmd2"][0], ema=DMD2_EMA,
+                           **{**fit, "max_batches": fit["max_batches"] if smoke else _cap(max_batches, cap)}))
     elif method == "consistency":
         m4 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=4, num_grid=48,
                                      skip=1, lr=5e-5, **common)
@@ -486,7 +505,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing students in --export-dir")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-batches", type=positive_int, default=None,
-                   help="cap on batches per stage (default: none; agd 900, as the shipped adapter)")
+                   help="cap on batches per stage (default: none; agd 900, dmd2 400, as the shipped students)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--checkpoint-every", type=positive_int, default=100, help="batches between checkpoints")

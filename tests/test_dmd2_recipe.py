@@ -338,3 +338,26 @@ def test_gan_head_of_the_recipe_separates_a_shifted_distribution_and_not_at_pure
     d_noise, acc_noise = _discriminator_after(60, lr=kw["critic_lr"], gan_weight=kw["gan_weight"],
                                               **{**gan, "gan_t_range": (0.95, 1.0)})
     assert acc_noise < 0.75 and d_noise > d, (d_noise, acc_noise)
+
+
+def test_train_student_dmd2_runs_the_shipped_stage(tmp_path):
+    """``fewstep train-student dmd2`` reproduces the shipped one-step student's stage (issue 13): the critic alone for
+    ``DMD2_CRITIC_WARMUP`` batches, then ``DMD2_GENERATOR_UPDATES`` generator updates (the default batch cap), EMA
+    0.99. Smoke: warm-up 2 of 6 batches, so exactly one generator update, and the exported student moved off its
+    reflow init."""
+    from fewstep.callbacks import train_students as ts
+    from fewstep.core.models.students import load_student
+
+    kw = ts.dmd2_recipe("reflow")
+    assert kw["critic_warmup"] == ts.DMD2_CRITIC_WARMUP == 150 and "critic_warmup" not in ts.dmd2_recipe("teacher")
+    assert (ts.DMD2_GENERATOR_UPDATES, ts.DMD2_EMA) == (50, 0.99)
+    s = ts.train_student("dmd2", out=tmp_path, smoke=True, max_batches=6, threads=1, progress=False)
+    st = s["stages"][0]
+    assert st["batches"] == 6
+    assert (st["counters"]["generator_updates"], st["counters"]["critic_updates"]) == (1, 6)
+    (path,) = st["files"]
+    new, _ = load_student(path)
+    init = ts.dmd2_initial_student("reflow")
+    moved = max(float((a - b).abs().max()) for a, b in zip(new.model.state_dict().values(),
+                                                           init.model.state_dict().values()))
+    assert moved > 0.0
