@@ -5,7 +5,9 @@
 - ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2 (``dmd2_recipe``), one step at sigma_max starting from the
   shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits: the
   critic first fitted alone for 150 batches (``DMD2_CRITIC_WARMUP``), then 50 generator updates (400 batches in all;
-  ``--max-batches`` lowers it) with an EMA of decay 0.99, which is exported -- the shipped student's stage.
+  ``--max-batches`` lowers it) with an EMA of decay 0.99, which is exported -- the shipped student's stage in one run.
+  It does not reproduce the shipped student: one such run gave FD 0.52 / 0.48 / 0.54 / 0.57 on seeds 0-3 against the
+  shipped 0.38 / 0.42 / 0.39 / 0.39 (``benchmarks/results/dmd2_train_student_seeds.json``): DMD2 oscillates here.
 - ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
   segments starting from it (Hyper-SD's progressive segments), at the teacher's CFG 1.25; each is followed by its
   last-segment stage (``ConsistencyLastSegment``, issue 13): pairs made once from the student's own sampling chain
