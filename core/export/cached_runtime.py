@@ -79,12 +79,7 @@ class OnnxLearnedCacheDenoiser(OnnxDenoiser):
                      sig_c: np.full(b, self._sigma_c, np.float32)}
             self.stats["skipped"] += 1
             return self.partial.network(x_in, timestep, **inputs, **state)
-        feeds = self._check({self.sample_input: x_in, self.timestep_input: timestep, **inputs})
-        try:
-            out, self._h, self._r = self.session.run([self.output, *self.features], feeds)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
-            raise RuntimeError(f"{self.name}: onnxruntime failed on inputs "
-                               f"{ {k: v.shape for k, v in feeds.items()} }: {str(e)[:500]}") from e
+        out, self._h, self._r = self.run_outputs([self.output, *self.features], x_in, timestep, **inputs)
         self._sigma_c = s
         self.stats["computed"] += 1
         return out
@@ -144,12 +139,7 @@ class OnnxLearnedPlanDenoiser(OnnxDenoiser):
                      sig_c: np.full(b, self._sigma_c, np.float32)}
             self.stats["skipped"] += 1
             return self.partials[k].network(x_in, timestep, **inputs, **state)
-        feeds = self._check({self.sample_input: x_in, self.timestep_input: timestep, **inputs})
-        try:
-            out, self._h, *res = self.session.run([self.output, *self.features], feeds)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
-            raise RuntimeError(f"{self.name}: onnxruntime failed on inputs "
-                               f"{ {k: v.shape for k, v in feeds.items()} }: {str(e)[:500]}") from e
+        out, self._h, *res = self.run_outputs([self.output, *self.features], x_in, timestep, **inputs)
         self._res = dict(zip(self.features[1:], res))
         self._sigma_c = s
         self.stats["computed"] += 1

@@ -156,21 +156,28 @@ class OnnxDenoiser:
         return out
 
     # ----------------------------------------------------------------------------------------------- calls
-    def network(self, x_in: np.ndarray, timestep: np.ndarray, **inputs: Any) -> np.ndarray:
-        """Run the raw graph: ``(x_in, timestep, conditions...) -> native output``, inputs checked first."""
+    def run_outputs(self, outputs: Sequence[str], x_in: np.ndarray, timestep: np.ndarray,
+                    **inputs: Any) -> list[np.ndarray]:
+        """Run the raw graph for the named ``outputs`` (the native output and, for the cached runtimes, feature
+        outputs), inputs checked first; an onnxruntime failure is re-raised naming the graph and the input shapes."""
         feeds = self._check({self.sample_input: x_in, self.timestep_input: timestep, **inputs})
         try:
             if self.io_binding:
                 binding = self.session.io_binding()
                 for k, v in feeds.items():
                     binding.bind_cpu_input(k, v)
-                binding.bind_output(self.output, "cuda" if self.on_cuda else "cpu", self.device_id)
+                for name in outputs:
+                    binding.bind_output(name, "cuda" if self.on_cuda else "cpu", self.device_id)
                 self.session.run_with_iobinding(binding)
-                return binding.copy_outputs_to_cpu()[0]
-            return self.session.run([self.output], feeds)[0]
-        except Exception as e:  # noqa: BLE001
+                return binding.copy_outputs_to_cpu()
+            return self.session.run(list(outputs), feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             shapes = {k: v.shape for k, v in feeds.items()}
             raise RuntimeError(f"{self.name}: onnxruntime failed on inputs {shapes}: {str(e)[:500]}") from e
+
+    def network(self, x_in: np.ndarray, timestep: np.ndarray, **inputs: Any) -> np.ndarray:
+        """Run the raw graph: ``(x_in, timestep, conditions...) -> native output``, inputs checked first."""
+        return self.run_outputs([self.output], x_in, timestep, **inputs)[0]
 
     def __call__(self, x: np.ndarray, sigma: Any, **cond: Any) -> np.ndarray:
         """``D(x, sigma, **cond) -> x0``. ``cond`` holds the graph's conditions (e.g. ``class_labels``) and, for a
