@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from .guidance.cfg import CFGDenoiser
 from .io import load_torch, save_torch
-from .losses.common import ddim_transfer
 from .sampling.samplers import get_sampler
 
 SHARD = 256
@@ -53,17 +52,23 @@ def make_shard(student: nn.Module, teacher: nn.Module, sigmas: Tensor, grid: Ten
     noise = torch.randn((size, *shape), generator=g)
     x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
     xs, preds = [], []
-    for k in range(len(sigmas) - 1):
-        x0 = student(x, sigmas[k].expand(size), **{cond_key: labels})
-        xs.append(x.clone())
-        preds.append(x0.clone())
-        x = ddim_transfer(ms, x, x0, sigmas[k].expand(size), sigmas[k + 1].expand(size))
+
+    def keep(step: dict) -> None:  # the sampler's callback: the input and the x0 prediction at each boundary
+        xs.append(step["x"].clone())
+        preds.append(step["denoised"].clone())
+
+    get_sampler("euler")(student, x, sigmas, extra_args={cond_key: labels}, callback=keep, disable=True)
     top = grid_index(grid, float(sigmas[-2]))
     levels = list(range(top, 0, -skip)) + [0]
     teacher_cfg = CFGDenoiser(teacher, cfg, cond_key=cond_key, null=null)
     target = get_sampler("dpmpp_2m")(teacher_cfg, xs[-1].clone(), grid[levels],
                                      extra_args={cond_key: labels, "seed": PAIR_SEED + shard}, disable=True)
     return {"x": torch.stack(xs), "pred": torch.stack(preds), "target": target, "labels": labels}
+
+
+def shard_path(folder: str | Path, shard: int) -> Path:
+    """Shard ``shard``'s file in a pairs folder."""
+    return Path(folder) / f"shard_{int(shard):04d}.pt"
 
 
 def make_pairs(folder: str | Path, student: nn.Module, teacher: nn.Module, sigmas: Tensor, grid: Tensor, num: int,
@@ -78,7 +83,7 @@ def make_pairs(folder: str | Path, student: nn.Module, teacher: nn.Module, sigma
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(-(-int(num) // int(size))):
-        f = folder / f"shard_{i:04d}.pt"
+        f = shard_path(folder, i)
         if not f.exists():
             t0 = time.perf_counter()
             n = min(int(size), int(num) - i * int(size))
@@ -93,10 +98,10 @@ def make_pairs(folder: str | Path, student: nn.Module, teacher: nn.Module, sigma
 def load_pairs(folder: str | Path, shards: int) -> dict[str, Tensor]:
     """The first ``shards`` shards of ``folder`` concatenated (chains along dim 1, targets and labels along dim 0)."""
     folder = Path(folder)
-    missing = [i for i in range(shards) if not (folder / f"shard_{i:04d}.pt").exists()]
+    missing = [i for i in range(shards) if not shard_path(folder, i).exists()]
     if missing:
-        raise FileNotFoundError(f"{folder}: shard_{missing[0]:04d}.pt is missing ({shards} shards needed); make them "
+        raise FileNotFoundError(f"{shard_path(folder, missing[0])} is missing ({shards} shards needed); make them "
                                 "with make_pairs")
-    parts = [load_torch(folder / f"shard_{i:04d}.pt", what="pairs shard") for i in range(shards)]
+    parts = [load_torch(shard_path(folder, i), what="pairs shard") for i in range(shards)]
     return {"x": torch.cat([p["x"] for p in parts], 1), "pred": torch.cat([p["pred"] for p in parts], 1),
             "target": torch.cat([p["target"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts])}
