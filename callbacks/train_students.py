@@ -5,7 +5,7 @@
 - ``dmd2`` -> ``digits_dmd2_1step.safetensors``: DMD2 (``dmd2_recipe``), one step at sigma_max starting from the
   shipped reflow student, real score with the teacher's CFG, critic 5:1, spatial GAN head on the real digits: the
   critic first fitted alone for 150 batches (``DMD2_CRITIC_WARMUP``), then 50 generator updates (400 batches in all;
-  ``--max-batches`` lowers it) with an EMA of decay 0.99, which is exported -- the shipped student's stage in one run.
+  ``--max-batches`` replaces it) with an EMA of decay 0.99, which is exported -- the shipped student's stage in one run.
   It does not reproduce the shipped student: one such run gave FD 0.52 / 0.48 / 0.54 / 0.57 on seeds 0-3 against the
   shipped 0.38 / 0.42 / 0.39 / 0.39 (``benchmarks/results/dmd2_train_student_seeds.json``): DMD2 oscillates here.
 - ``consistency`` -> ``digits_consistency_4step`` and ``_2step``: multistep consistency with 4 segments, then 2
@@ -125,8 +125,8 @@ def _quiet() -> None:
 def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, export_path: Path | None,
          checkpoint_every: int, eval_every: int | None, progress: bool, smoke: bool,
          onnx: bool = False, distributed: dict[str, Any] | None = None,
-         ema: bool | float = True) -> dict[str, Any]:
-    """Fit one stage with EMA (unless ``ema=False``; a float: its decay, else 0.999), guard, grids, quality eval,
+         ema: float | None = 0.999) -> dict[str, Any]:
+    """Fit one stage with an EMA of decay ``ema`` (``None``: none; smoke runs 0.99), guard, grids, quality eval,
     checkpoints and export (``onnx``: also the exported (EMA, else live) student as ``<export stem>.onnx``, after the
     checkpoints; an export failure is logged, training results are kept).
     Returns a summary."""
@@ -146,8 +146,7 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
-    decay = 0.99 if smoke else (0.999 if isinstance(ema, bool) else float(ema))
-    callbacks = [StudentEMA(decay)] if ema else []
+    callbacks = [StudentEMA(0.99 if smoke else ema)] if ema is not None else []
     callbacks += [DivergenceGuard(), timer]
     sharded = distributed is not None and is_sharded_run(distributed)
     if not smoke and not sharded:  # (grids and quality run on rank 0 alone: not with sharded networks)
@@ -160,7 +159,8 @@ def _fit(module, stage_dir: Path, budget_s: float, max_batches: int | None, expo
     if onnx and export_path is not None and not sharded:
         from .onnx_export import OnnxExport
 
-        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema" if ema else "last", on_error="warn")
+        onnx_export = OnnxExport(export_path.with_suffix(".onnx"), weights="ema" if ema is not None else "last",
+                                 on_error="warn")
         callbacks.append(onnx_export)
     ckpt = ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
                            save_top_k=0) if not smoke else None
@@ -279,7 +279,13 @@ def _trajectories(teacher, out: Path, name: str, num: int, guidance, steps: int,
 
 
 def _cap(max_batches: int | None, recipe: int) -> int:
+    """A stage's batches when ``--max-batches`` also caps the other stages of the method: at most the recipe's."""
     return recipe if max_batches is None else min(int(max_batches), recipe)
+
+
+def _or_default(max_batches: int | None, recipe: int) -> int:
+    """A one-stage method's batches: ``--max-batches`` when given (smoke runs set it), else the recipe's."""
+    return recipe if max_batches is None else int(max_batches)
 
 
 def _last_segment_module(teacher, student_path: Path, stage_dir: Path, num_pairs: int | None, smoke: bool,
@@ -435,7 +441,7 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         module = DMD2Distillation(teacher, SHAPE, student=dmd2_initial_student("reflow"), real_data=x, real_labels=y,
                                   **recipe, **common)
         stages.append(_fit(module, out / "stage1", left(), export_path=export_dir / SHIPPED["dmd2"][0], ema=DMD2_EMA,
-                           **{**fit, "max_batches": fit["max_batches"] if smoke else _cap(max_batches, cap)}))
+                           **{**fit, "max_batches": _or_default(max_batches, cap)}))
     elif method == "consistency":
         m4 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=4, num_grid=48,
                                      skip=1, lr=5e-5, **common)
@@ -445,7 +451,7 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         t_pairs = time.perf_counter()
         m4_last = _last_segment_module(teacher, p4, out / "stage1b_4seg_last", last_pairs, smoke, common)
         budget += time.perf_counter() - t_pairs
-        stages.append(_fit(m4_last, out / "stage1b_4seg_last", left() / 3, export_path=p4, ema=False,
+        stages.append(_fit(m4_last, out / "stage1b_4seg_last", left() / 3, export_path=p4, ema=None,
                            **{**fit, "max_batches": _cap(max_batches, LAST_SEGMENT[4]["batches"])}))
         student4, _ = load_student(p4)
         m2 = ConsistencyDistillation(teacher, SHAPE, x, real_labels=y, guidance=CFG, segments=2, num_grid=48,
@@ -455,7 +461,7 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         t_pairs = time.perf_counter()
         m2_last = _last_segment_module(teacher, p2, out / "stage2b_2seg_last", last_pairs, smoke, common)
         budget += time.perf_counter() - t_pairs
-        stages.append(_fit(m2_last, out / "stage2b_2seg_last", left(), export_path=p2, ema=False,
+        stages.append(_fit(m2_last, out / "stage2b_2seg_last", left(), export_path=p2, ema=None,
                            **{**fit, "max_batches": _cap(max_batches, LAST_SEGMENT[2]["batches"])}))
     elif method == "reflow":
         # issue 13: pairs at the benchmark's CFG 1.25 and 8 solver steps (teacher FD 0.342 vs 0.345 at 16 steps,
@@ -483,9 +489,8 @@ def _train_student(method: str, out: Path, export_dir: Path, budget: float, max_
         m = GuidanceAdapterDistillation(teacher, SHAPE, traj, rank=AGD_RANK, targets=AGD_TARGETS, embed_dim=32,
                                         hidden=32, eval_guidance=CFG, lr=1e-3, scale_weighting="inverse_square",
                                         scale_weight_floor=0.1, delta_weighting=AGD_DELTA_WEIGHTING, **common)
-        if not smoke and max_batches is None:
-            fit["max_batches"] = AGD_BATCHES
-        stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0], **fit))
+        stages.append(_fit(m, out / "stage1_agd", left(), export_path=export_dir / SHIPPED["agd"][0],
+                           **{**fit, "max_batches": _or_default(max_batches, AGD_BATCHES)}))
     summary = {"method": method, "budget_seconds": budget, "seconds": round(time.perf_counter() - t_start, 1),
                "threads": torch.get_num_threads(), "smoke": smoke, "stages": stages}
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
